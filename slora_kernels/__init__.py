@@ -1,0 +1,9 @@
+"""slora_kernels: Sensitivity-LoRA (arXiv 2509.09119) with fused kernels.
+
+Measure per-matrix sensitivity, allocate LoRA ranks under an exact budget, emit a stock PEFT
+LoraConfig, and train with fused variable-rank LoRA layers.
+"""
+from slora_kernels._extension import HAS_EXTENSION, WITH_CUDA
+from slora_kernels._version import __version__
+
+__all__ = ["HAS_EXTENSION", "WITH_CUDA", "__version__"]

@@ -1,0 +1,3 @@
+from slora_kernels.cli import main
+
+raise SystemExit(main())

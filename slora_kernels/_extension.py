@@ -1,0 +1,44 @@
+"""Loads the compiled `slora_kernels._C` extension, or registers a PyTorch fallback of its ops.
+
+Either way `torch.ops.slora.pack` / `torch.ops.slora.unpack` exist after import, with the same
+schemas, so every caller (autograd, fake kernels, torch.compile) is written once against them.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+HAS_EXTENSION: bool
+WITH_CUDA: bool
+
+try:
+    from slora_kernels import _C  # noqa: F401  (importing registers the ops)
+
+    HAS_EXTENSION = True
+    WITH_CUDA = bool(_C.with_cuda)
+except ImportError as error:  # pragma: no cover - exercised in the no-extension CI job
+    HAS_EXTENSION = False
+    WITH_CUDA = False
+    warnings.warn(
+        f"slora_kernels: compiled extension not available ({error}); using the PyTorch fallback for "
+        "pack/unpack. Reinstall with `pip install --no-build-isolation -e .` to build it.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+    _fallback_library = torch.library.Library("slora", "DEF")
+    _fallback_library.define("pack(Tensor[] tensors, Tensor offsets, SymInt total_rows) -> Tensor")
+    _fallback_library.define("unpack(Tensor buffer, Tensor offsets, SymInt[] rows) -> Tensor[]")
+
+    def _pack_torch(tensors, offsets, total_rows):
+        buffer = tensors[0].new_zeros((total_rows, tensors[0].shape[1]))
+        for segment, start in zip(tensors, offsets.tolist()):
+            buffer[start : start + segment.shape[0]] = segment
+        return buffer
+
+    def _unpack_torch(buffer, offsets, rows):
+        return [buffer[start : start + r].clone() for start, r in zip(offsets.tolist(), rows)]
+
+    _fallback_library.impl("pack", _pack_torch, "CompositeExplicitAutograd")
+    _fallback_library.impl("unpack", _unpack_torch, "CompositeExplicitAutograd")

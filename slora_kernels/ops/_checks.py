@@ -1,0 +1,36 @@
+"""Argument checks shared by the public ops: each error names the argument and what was expected."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def check_tensor(name: str, value: object, *, ndim: int | Sequence[int] | None = None,
+                 dtypes: Sequence[torch.dtype] | None = None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    allowed_ndim = (ndim,) if isinstance(ndim, int) else ndim
+    if allowed_ndim is not None and value.dim() not in allowed_ndim:
+        expected = " or ".join(f"{d}-D" for d in allowed_ndim)
+        raise ValueError(f"{name} must be {expected}, got shape {tuple(value.shape)}")
+    if dtypes is not None and value.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(value.dtype).removeprefix('torch.')}")
+    return value
+
+
+def check_same(name: str, index: int, value: torch.Tensor, reference: torch.Tensor, attr: str) -> None:
+    """Raise if value.attr differs from reference.attr (dtype or device across a list)."""
+    got, want = getattr(value, attr), getattr(reference, attr)
+    if got != want:
+        error = TypeError if attr == "dtype" else ValueError
+        raise error(f"{name}[{index}] has {attr} {got}, expected {want} like {name}[0]")
+
+
+def check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value

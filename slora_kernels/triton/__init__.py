@@ -1,0 +1,1 @@
+"""The @triton.jit kernels and their launch helpers (nothing else lives here)."""
