@@ -11,9 +11,13 @@
 
 #include <ATen/Parallel.h>
 
-#include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace slora {
 namespace {
@@ -25,11 +29,17 @@ void check_common(const at::Tensor& offsets, int64_t num_segments, const char* o
               " entries, expected ", num_segments + 1);
 }
 
-// Segment holding `row` (offsets non-decreasing), or -1 for a padding row.
-int64_t segment_of(const int64_t* offsets, const std::vector<int64_t>& rows, int64_t row) {
-  const int64_t k = std::upper_bound(offsets, offsets + rows.size() + 1, row) - offsets - 1;
-  if (k < 0 || k >= static_cast<int64_t>(rows.size())) return -1;
-  return row - offsets[k] < rows[k] ? k : -1;
+// A fresh multi-MB buffer costs more in page faults than in copying (one fault per 4 KiB page);
+// asking for transparent huge pages turns ~500 faults per 2 MiB into one. Advice only: ignored
+// where THP is off, and harmless on memory the allocator reuses.
+void advise_huge_pages(void* data, int64_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  if (nbytes < static_cast<int64_t>(4 * kHuge)) return;
+  const auto begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const auto end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(nbytes)) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
 }
 
 at::Tensor pack_cpu(at::TensorList tensors, const at::Tensor& offsets, int64_t total_rows) {
@@ -55,16 +65,17 @@ at::Tensor pack_cpu(at::TensorList tensors, const at::Tensor& offsets, int64_t t
   auto buffer = at::empty({total_rows, n}, tensors[0].options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t row_bytes = n * buffer.element_size();
   char* out = static_cast<char*>(buffer.data_ptr());
-  at::parallel_for(0, total_rows, /*grain_size=*/16, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t k = segment_of(offs, rows, row);
-      char* dst = out + row * row_bytes;
-      if (k < 0) {
-        std::memset(dst, 0, row_bytes);
-      } else {
-        const char* src = static_cast<const char*>(segments[k].data_ptr()) + (row - offs[k]) * row_bytes;
-        std::memcpy(dst, src, row_bytes);
-      }
+  advise_huge_pages(out, total_rows * row_bytes);
+  const int64_t num_segments = static_cast<int64_t>(rows.size());
+  // Segment k and the padding after it (up to the next offset, or to total_rows for the last one)
+  // are two contiguous blocks, so each segment is one memcpy and one memset.
+  std::memset(out, 0, offs[0] * row_bytes);
+  at::parallel_for(0, num_segments, /*grain_size=*/1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t pad_end = k + 1 < num_segments ? offs[k + 1] : total_rows;
+      char* dst = out + offs[k] * row_bytes;
+      std::memcpy(dst, segments[k].data_ptr(), rows[k] * row_bytes);
+      std::memset(dst + rows[k] * row_bytes, 0, (pad_end - offs[k] - rows[k]) * row_bytes);
     }
   });
   return buffer;

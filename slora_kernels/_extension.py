@@ -2,9 +2,11 @@
 
 Either way `torch.ops.slora.pack` / `torch.ops.slora.unpack` exist after import, with the same
 schemas, so every caller (autograd, fake kernels, torch.compile) is written once against them.
+SLORA_DISABLE_EXTENSION=1 forces the fallback (to test it, or to rule the extension out).
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -13,11 +15,13 @@ HAS_EXTENSION: bool
 WITH_CUDA: bool
 
 try:
+    if os.environ.get("SLORA_DISABLE_EXTENSION") == "1":
+        raise ImportError("disabled by SLORA_DISABLE_EXTENSION=1")
     from slora_kernels import _C  # noqa: F401  (importing registers the ops)
 
     HAS_EXTENSION = True
     WITH_CUDA = bool(_C.with_cuda)
-except ImportError as error:  # pragma: no cover - exercised in the no-extension CI job
+except ImportError as error:
     HAS_EXTENSION = False
     WITH_CUDA = False
     warnings.warn(

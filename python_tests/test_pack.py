@@ -1,0 +1,165 @@
+"""slora::pack / slora::unpack: the mixed-rank gather against a float64-free exact reference.
+
+pack is a pure copy, so the reference is exact for every dtype: torch.zeros + slice assignment.
+"""
+import random
+
+import pytest
+import torch
+
+from slora_kernels.ops import pack, unpack
+from slora_kernels.ops.pack import pack_offsets
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def reference_pack(tensors, align):
+    offsets = pack_offsets([t.shape[0] for t in tensors], align)
+    buffer = torch.zeros(offsets[-1], tensors[0].shape[1], dtype=tensors[0].dtype)
+    for t, start in zip(tensors, offsets):
+        buffer[start : start + t.shape[0]] = t
+    return buffer, offsets
+
+
+def random_segments(rng: random.Random, dtype, max_segments=300, max_rank=97, max_n=1000):
+    k = rng.randint(1, max_segments)
+    n = rng.randint(1, max_n)
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    return [(torch.rand(rng.randint(1, max_rank), n, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
+            for _ in range(k)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("align", [1, 8, 16])
+@pytest.mark.parametrize("case", range(3))
+def test_pack_matches_reference_and_round_trips(dtype, align, case):
+    rng = random.Random(hash((str(dtype), align, case)) & 0xFFFF)
+    # Keep the element count bounded: many segments get a narrow n and vice versa.
+    segments = random_segments(rng, dtype, max_n=1000 if case == 0 else 64)
+    buffer, offsets = pack(segments, align=align)
+    expected, expected_offsets = reference_pack(segments, align)
+    assert offsets.dtype == torch.int64 and offsets.tolist() == expected_offsets
+    assert all(o % align == 0 for o in offsets.tolist())
+    assert torch.equal(buffer, expected)
+    padding = torch.ones(buffer.shape[0], dtype=torch.bool)
+    for t, start in zip(segments, offsets.tolist()):
+        padding[start : start + t.shape[0]] = False
+    assert torch.count_nonzero(buffer[padding]) == 0
+    restored = unpack(buffer, offsets, [t.shape[0] for t in segments])
+    assert len(restored) == len(segments)
+    assert all(torch.equal(a, b) for a, b in zip(restored, segments))
+
+
+def test_non_contiguous_inputs():
+    base = torch.randn(40, 30, dtype=torch.float64)
+    segments = [base[:7, ::2], base.t()[:5, :20], base[10:13, 1:21]]
+    segments = [segments[0][:, :15], segments[1][:, :15], segments[2][:, :15]]
+    assert not all(s.is_contiguous() for s in segments)
+    buffer, offsets = pack(segments, align=4)
+    expected, _ = reference_pack([s.contiguous() for s in segments], 4)
+    assert torch.equal(buffer, expected)
+    non_contiguous_buffer = buffer.t().contiguous().t()
+    assert not non_contiguous_buffer.is_contiguous()
+    restored = unpack(non_contiguous_buffer, offsets, [7, 5, 3])
+    assert all(torch.equal(a, b) for a, b in zip(restored, segments))
+
+
+def test_pack_gradcheck():
+    segments = [torch.randn(r, 6, dtype=torch.float64, requires_grad=True) for r in (3, 1, 5)]
+    assert torch.autograd.gradcheck(lambda *ts: pack(list(ts), align=4)[0], segments)
+
+
+def test_unpack_gradcheck():
+    buffer, offsets = pack([torch.randn(r, 5, dtype=torch.float64) for r in (2, 4, 1)], align=8)
+    buffer.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda b: tuple(unpack(b, offsets, [2, 4, 1])), (buffer,))
+
+
+def test_gradient_reaches_each_segment():
+    segments = [torch.randn(r, 4, requires_grad=True) for r in (2, 3)]
+    buffer, _ = pack(segments, align=8)
+    weights = torch.arange(buffer.numel(), dtype=torch.float32).reshape(buffer.shape)
+    (buffer * weights).sum().backward()
+    assert torch.equal(segments[0].grad, weights[0:2])
+    assert torch.equal(segments[1].grad, weights[8:11])
+
+
+def test_opcheck():
+    segments = [torch.randn(r, 7) for r in (3, 1, 6)]
+    offsets = torch.tensor(pack_offsets([3, 1, 6], 8))
+    torch.library.opcheck(torch.ops.slora.pack.default, (segments, offsets, int(offsets[-1])))
+    buffer, _ = pack(segments, align=8)
+    torch.library.opcheck(torch.ops.slora.unpack.default, (buffer, offsets, [3, 1, 6]))
+
+
+def test_torch_compile_of_a_function_calling_pack():
+    def packed_sum(a, b, c):
+        buffer, _ = pack([a, b, c], align=16)
+        return (buffer * 2).sum(dim=0)
+
+    inputs = [torch.randn(r, 9) for r in (5, 2, 11)]
+    compiled = torch.compile(packed_sum, fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(*inputs), packed_sum(*inputs))
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: pack([]), ValueError, "tensors must contain at least one"),
+        (lambda: pack(torch.randn(3, 4)), TypeError, "tensors must be a list"),
+        (lambda: pack([torch.randn(3)]), ValueError, r"tensors\[0\] must be 2-D"),
+        (lambda: pack([torch.randn(2, 4), torch.randn(2, 3)]), ValueError, r"tensors\[1\] has 3 columns"),
+        (lambda: pack([torch.randn(2, 4), torch.randn(2, 4).double()]), TypeError, r"tensors\[1\] has dtype"),
+        (lambda: pack([torch.randn(2, 4), torch.randn(2, 4, device="meta")]), ValueError, r"tensors\[1\] has device"),
+        (lambda: pack([torch.randn(2, 4)], align=0), ValueError, "align must be >= 1"),
+        (lambda: pack([torch.randn(2, 4)], align=2.0), TypeError, "align must be an int"),
+        (lambda: pack([torch.randint(0, 3, (2, 4))]), TypeError, r"tensors\[0\] must have dtype"),
+        (lambda: unpack(torch.randn(8, 4), torch.tensor([0, 4, 8]), [4]), ValueError, "offsets must have len"),
+        (lambda: unpack(torch.randn(8, 4), torch.tensor([0, 2, 8]), [3, 2]), ValueError, "offsets do not match rows"),
+        (lambda: unpack(torch.randn(8, 4), torch.tensor([0, 4, 9]), [3, 5]), ValueError, "offsets do not match rows"),
+        (lambda: unpack(torch.randn(8, 4), torch.tensor([0.0, 8.0]), [3]), TypeError, "offsets must have dtype"),
+        (lambda: unpack(torch.randn(8, 4), torch.tensor([0, 8]), []), ValueError, "rows must list"),
+    ],
+)
+def test_bad_input_names_the_argument(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_fallback_without_extension_warns_and_matches(tmp_path):
+    """With the compiled extension unavailable, the package warns once and packs the same."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import slora_kernels\n"
+        "    from slora_kernels.ops import pack, unpack\n"
+        "assert not slora_kernels.HAS_EXTENSION\n"
+        "assert any('PyTorch fallback' in str(w.message) for w in caught)\n"
+        "segs = [torch.randn(r, 5, dtype=torch.float64) for r in (3, 1, 4)]\n"
+        "buf, offs = pack(segs, align=4)\n"
+        "torch.save((segs, buf, offs, unpack(buf, offs, [3, 1, 4])), %r)\n" % str(tmp_path / "out.pt")
+    )
+    env = dict(os.environ, SLORA_DISABLE_EXTENSION="1")
+    subprocess.run([sys.executable, "-c", script], check=True, env=env)
+    segs, buf, offs, restored = torch.load(tmp_path / "out.pt")
+    expected, expected_offsets = reference_pack(segs, 4)
+    assert torch.equal(buf, expected) and offs.tolist() == expected_offsets
+    assert all(torch.equal(a, b) for a, b in zip(restored, segs))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_pack_matches_cpu(dtype):
+    rng = random.Random(7)
+    segments = random_segments(rng, dtype, max_segments=50, max_n=300)
+    buffer, offsets = pack([s.cuda() for s in segments], align=16)
+    expected, expected_offsets = reference_pack(segments, 16)
+    assert offsets.is_cuda and offsets.tolist() == expected_offsets
+    assert torch.equal(buffer.cpu(), expected)
+    restored = unpack(buffer, offsets, [s.shape[0] for s in segments])
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(restored, segments))
