@@ -7,3 +7,7 @@ from slora_kernels._extension import HAS_EXTENSION, WITH_CUDA
 from slora_kernels._version import __version__
 
 __all__ = ["HAS_EXTENSION", "WITH_CUDA", "__version__"]
+from slora_kernels.allocation import allocate_ranks  # noqa: E402
+from slora_kernels.sensitivity import Metrics, combine, metrics  # noqa: E402
+
+__all__ += ["Metrics", "allocate_ranks", "combine", "metrics"]

@@ -2,3 +2,6 @@
 from slora_kernels.ops.pack import pack, unpack
 
 __all__ = ["pack", "unpack"]
+from slora_kernels.ops.sensitivity import activation_sq_accumulate, fisher_diag_accumulate  # noqa: E402
+
+__all__ += ["activation_sq_accumulate", "fisher_diag_accumulate"]
