@@ -1,0 +1,187 @@
+"""grouped_lora on CPU (plain torch): float64 references, gradcheck, dropout, bad input, torch.compile."""
+import random
+
+import pytest
+import torch
+
+from slora_kernels.ops import grouped_lora
+
+
+def random_group(rng: random.Random, dtype=torch.float64, max_groups=7, max_rank=70, bias=True):
+    """x, weights, biases, lora_a, lora_b, scales of a random group (odd sizes, ranks 1..max_rank)."""
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    d_in, groups = rng.randint(1, 41), rng.randint(1, max_groups)
+    d_outs = [rng.randint(1, 37) for _ in range(groups)]
+    ranks = [rng.randint(1, max_rank) for _ in range(groups)]
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    x = rand(rng.randint(1, 3), rng.randint(1, 9), d_in)
+    weights = [rand(d, d_in) for d in d_outs]
+    biases = [rand(d) if bias and rng.random() < 0.6 else None for d in d_outs]
+    lora_a = [rand(r, d_in) for r in ranks]
+    lora_b = [rand(d, r) for d, r in zip(d_outs, ranks)]
+    scales = [rng.uniform(-2.0, 2.0) for _ in range(groups)]
+    return x, weights, biases, lora_a, lora_b, scales
+
+
+def reference(x, weights, biases, lora_a, lora_b, scales, keep=None):
+    """PEFT's per-layer formula in float64; keep is the dropout mask scaled by 1/(1-p)."""
+    x = x.double()
+    xd = x if keep is None else x * keep.double()
+    return [x @ w.double().T + (0 if b is None else b.double()) + s * (xd @ a.double().T) @ bb.double().T
+            for w, b, a, bb, s in zip(weights, biases, lora_a, lora_b, scales)]
+
+
+def seeded_keep(x, p, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.empty_like(x).bernoulli_(1.0 - p, generator=generator) / (1.0 - p)
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_forward_matches_float64_reference(case):
+    rng = random.Random(case)
+    dtype = torch.float64 if case % 2 else torch.float32
+    group = random_group(rng, dtype)
+    outputs = grouped_lora(*group)
+    expected = reference(*group)
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    assert len(outputs) == len(expected)
+    for y, e, w in zip(outputs, expected, group[1]):
+        assert y.dtype == dtype and y.shape == (*group[0].shape[:-1], w.shape[0])
+        torch.testing.assert_close(y.double(), e, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_gradients_match_float64_reference(case):
+    rng = random.Random(100 + case)
+    p = 0.3 if case % 2 else 0.0
+    x, weights, biases, lora_a, lora_b, scales = random_group(rng)
+    leaves = [x, *weights, *[b for b in biases if b is not None], *lora_a, *lora_b]
+    for t in leaves:
+        t.requires_grad_(True)
+    keep = seeded_keep(x, p, 7) if p else None
+    ys = grouped_lora(x, weights, biases, lora_a, lora_b, scales, dropout_p=p, seed=7)
+    refs = reference(x, weights, biases, lora_a, lora_b, scales, keep)
+    cotangents = [torch.randn_like(y) for y in ys]
+    got = torch.autograd.grad(ys, leaves, cotangents)
+    want = torch.autograd.grad(refs, leaves, cotangents)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_gradcheck_float64(p):
+    x, weights, biases, lora_a, lora_b, scales = random_group(random.Random(5), max_groups=3, max_rank=5)
+    groups = len(weights)
+    bias_slots = [i for i, b in enumerate(biases) if b is not None]
+    inputs = [t.requires_grad_(True) for t in [x, *weights, *[biases[i] for i in bias_slots], *lora_a, *lora_b]]
+
+    def f(x, *params):
+        ws, rest = list(params[:groups]), params[groups:]
+        bs = [None] * groups
+        for slot, b in zip(bias_slots, rest):
+            bs[slot] = b
+        rest = rest[len(bias_slots):]
+        return tuple(grouped_lora(x, ws, bs, list(rest[:groups]), list(rest[groups:]), scales, dropout_p=p, seed=3))
+
+    assert torch.autograd.gradcheck(f, inputs, fast_mode=True)
+
+
+def test_frozen_base_gets_no_gradient():
+    x, weights, biases, lora_a, lora_b, scales = random_group(random.Random(9))
+    for t in [*lora_a, *lora_b]:
+        t.requires_grad_(True)
+    sum(y.sum() for y in grouped_lora(x, weights, biases, lora_a, lora_b, scales)).backward()
+    assert all(w.grad is None for w in weights)
+    assert all(a.grad is not None and b.grad is not None for a, b in zip(lora_a, lora_b))
+
+
+def test_dropout_same_seed_same_mask_and_peft_semantics():
+    p, d = 0.3, 64
+    x = torch.ones(50, d, dtype=torch.float64)
+    eye = torch.eye(d, dtype=torch.float64)
+    # W = 0, A = B = I, scale 1: the output is drop(x) itself.
+    args = (x, [torch.zeros(d, d, dtype=torch.float64)], [None], [eye], [eye], [1.0])
+    first = grouped_lora(*args, dropout_p=p, seed=11)[0]
+    assert torch.equal(first, grouped_lora(*args, dropout_p=p, seed=11)[0])
+    assert not torch.equal(first, grouped_lora(*args, dropout_p=p, seed=12)[0])
+    assert torch.equal(first, seeded_keep(x, p, 11))
+    values = set(first.unique().tolist())
+    assert values <= {0.0, 1.0 / (1.0 - p)}  # nn.Dropout: zero or scaled by 1/(1-p)
+    assert abs((first == 0).double().mean().item() - p) < 0.03
+    torch.manual_seed(0)
+    unseeded = grouped_lora(*args, dropout_p=p)[0]
+    torch.manual_seed(0)
+    assert torch.equal(unseeded, grouped_lora(*args, dropout_p=p)[0])
+
+
+class GroupedModule(torch.nn.Module):
+    def __init__(self, d_in, d_outs, ranks):
+        super().__init__()
+        self.weights = torch.nn.ParameterList(torch.randn(d, d_in) for d in d_outs)
+        self.lora_a = torch.nn.ParameterList(torch.randn(r, d_in) for r in ranks)
+        self.lora_b = torch.nn.ParameterList(torch.randn(d, r) for d, r in zip(d_outs, ranks))
+
+    def forward(self, x):
+        outputs = grouped_lora(x, list(self.weights), [None] * len(self.weights), list(self.lora_a), list(self.lora_b),
+                               [0.5] * len(self.weights), dropout_p=0.1, seed=4)
+        return sum(y.sum() for y in outputs)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    module = GroupedModule(13, [5, 9, 3], [2, 7, 1])
+    x = torch.randn(2, 6, 13)
+    eager = module(x)
+    eager_grads = torch.autograd.grad(eager, list(module.parameters()))
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    grads = torch.autograd.grad(out, list(module.parameters()))
+    torch.testing.assert_close(out, eager)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
+
+
+def test_opcheck():
+    x, weights, biases, lora_a, lora_b, scales = random_group(random.Random(3), max_groups=3, max_rank=6)
+    bias = torch.cat([torch.zeros(w.shape[0], dtype=w.dtype) if b is None else b for w, b in zip(weights, biases)])
+    x2 = x.reshape(-1, x.shape[-1]).requires_grad_(True)
+    args = (x2, torch.cat(weights), bias, [a.requires_grad_(True) for a in lora_a],
+            [b.requires_grad_(True) for b in lora_b], scales, 0.2, 5)
+    torch.library.opcheck(torch.ops.slora.grouped_lora_forward, args)
+
+
+def good_args():
+    x, weights, biases, lora_a, lora_b, scales = random_group(random.Random(1), max_groups=2, max_rank=3)
+    return {"x": x, "weights": weights, "biases": biases, "lora_a": lora_a, "lora_b": lora_b, "scales": scales}
+
+
+BAD = [
+    ("x", lambda a: a.update(x=[1.0]), TypeError, "x must be a torch.Tensor"),
+    ("x dtype", lambda a: a.update(x=a["x"].long()), TypeError, "x must have dtype"),
+    ("weights list", lambda a: a.update(weights=a["weights"][0]), TypeError, "weights must be a list"),
+    ("empty", lambda a: a.update(weights=[], biases=[], lora_a=[], lora_b=[], scales=[]), ValueError, "at least one"),
+    ("lengths", lambda a: a.update(scales=a["scales"] + [1.0]), ValueError, "scales must have one entry per layer"),
+    ("d_in", lambda a: a["weights"].__setitem__(0, a["weights"][0][:, :-1]), ValueError, r"weights\[0\] must be"),
+    ("dtype", lambda a: a["lora_a"].__setitem__(0, a["lora_a"][0].float()), TypeError, r"lora_a\[0\] has dtype"),
+    ("rank 0", lambda a: a["lora_a"].__setitem__(0, a["lora_a"][0][:0]), ValueError, "rank >= 1"),
+    ("lora_b", lambda a: a["lora_b"].__setitem__(0, a["lora_b"][0].T), ValueError, r"lora_b\[0\] must be"),
+    ("bias", lambda a: a["biases"].__setitem__(0, torch.zeros(1000, dtype=torch.float64)), ValueError,
+     r"biases\[0\] must be"),
+    ("scale", lambda a: a["scales"].__setitem__(0, "1"), TypeError, r"scales\[0\] must be a float"),
+    ("scale nan", lambda a: a["scales"].__setitem__(0, float("nan")), ValueError, "finite"),
+    ("dropout", lambda a: a.update(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
+    ("dropout neg", lambda a: a.update(dropout_p=-0.1), ValueError, "dropout_p"),
+    ("seed", lambda a: a.update(seed=1.5), TypeError, "seed must be an int"),
+]
+
+
+@pytest.mark.parametrize("name, mutate, error, message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_names_the_argument(name, mutate, error, message):
+    args = good_args()
+    mutate(args)
+    with pytest.raises(error, match=message):
+        grouped_lora(**args)
