@@ -1,0 +1,80 @@
+"""One fine-tuning run end to end: choose ranks (calibrating if needed), attach, train, evaluate.
+
+The CLI's `train`, the demo and benchmarks/accuracy_minilm.py all go through `run`, so the
+comparison the demo prints and the study's numbers come from the same code path.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from slora_kernels.adapters import adalora_config, attach, lora_parameter_count, sensitivity_config, uniform_config
+from slora_kernels.data import Dataset, Examples
+from slora_kernels.training import TrainConfig, batches, evaluate, train
+
+RANK_CHOICES = ("uniform", "sensitivity", "adalora")
+
+
+@dataclass
+class RunResult:
+    method: str
+    metrics: dict[str, float]
+    lora_params: int
+    calib_seconds: float
+    train_seconds: float
+    steps: int
+    tokens: int
+    fused: bool
+    ranks: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def calibrate(model: nn.Module, tokenizer, examples: Examples, targets: list[str], estimator: str,
+              batch_size: int, max_length: int, progress: bool = True):
+    """The SensitivityReport of `targets` over `examples` (labels included: Fisher needs them)."""
+    from slora_kernels import estimate_sensitivity
+
+    return estimate_sensitivity(model, batches(tokenizer, examples, batch_size, max_length),
+                                target_modules=targets, estimator=estimator, progress=progress)
+
+
+def run(model: nn.Module, tokenizer, dataset: Dataset, *, method: str, avg_rank: int, targets: list[str],
+        config: TrainConfig, task: str, estimator: str = "activation", calib_samples: int = 512,
+        report=None, fused: bool = True, out_dir: Path | None = None) -> tuple[nn.Module, RunResult]:
+    """Train `method` ("uniform", "sensitivity" or "adalora") and evaluate it on the held-out split.
+
+    Sensitivity-LoRA calibrates on the first `calib_samples` training texts unless a
+    SensitivityReport is given (then calib_seconds counts the allocation only).
+    """
+    ranks, calib_seconds = {}, 0.0
+    total_steps = config.steps(len(dataset.train))
+    if method == "uniform":
+        peft_config = uniform_config(targets, avg_rank, task)
+        ranks = dict.fromkeys(targets, avg_rank)
+    elif method == "adalora":
+        peft_config = adalora_config(targets, avg_rank, task, total_steps)
+    elif method == "sensitivity":
+        start = time.perf_counter()
+        if report is None:
+            report = calibrate(model, tokenizer, dataset.train.head(calib_samples), targets, estimator,
+                               config.batch_size, config.max_length, config.progress)
+        peft_config = sensitivity_config(report, avg_rank, task)
+        calib_seconds = time.perf_counter() - start
+        ranks = report.ranks(avg_rank, budget="params")
+    else:
+        raise ValueError(f"method must be one of {', '.join(RANK_CHOICES)}, got {method!r}")
+    peft_model = attach(model, peft_config, fused)
+    after_step = peft_model.base_model.update_and_allocate if method == "adalora" else None
+    lora_params = lora_parameter_count(peft_model)
+    stats = train(peft_model, tokenizer, dataset.train, config, after_step=after_step)
+    scores = evaluate(peft_model, tokenizer, dataset.eval, max_length=config.max_length, progress=config.progress)
+    if out_dir is not None:
+        peft_model.save_pretrained(str(out_dir / "adapter"))
+    result = RunResult(method, scores, lora_params, calib_seconds,
+                       stats.seconds, stats.steps, stats.tokens, fused and method != "adalora", ranks)
+    return peft_model, result
