@@ -1,0 +1,246 @@
+"""fuse / unfuse on MiniLM (BERT) and SmolLM2 (Llama): the fused model is PEFT's model, computed faster.
+
+Every check compares against stock PEFT on the same weights: logits and every LoRA gradient
+(fp32, relative error <= 1e-5) after fuse and after unfuse, PEFT's adapter API in each state, and
+the adapter saved from a fused model loaded by stock PeftModel.from_pretrained.
+"""
+import copy
+import random
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners import lora
+
+from slora_kernels import fuse, unfuse
+from slora_kernels.defaults import load_minilm_classifier, load_smollm2
+from slora_kernels.nn import FusedLoraLinear
+
+MINILM_TARGETS = ["query", "key", "value", "dense"]
+SMOLLM2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def random_pattern(model, targets, seed):
+    """A random rank_pattern (ranks 1..16) and alpha_pattern over every targeted Linear."""
+    rng = random.Random(seed)
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+    return ({n: rng.randint(1, 16) for n in names}, {n: rng.choice([4, 8, 16, 32]) for n in names})
+
+
+def lora_model(base, targets, seed=0, **config):
+    ranks, alphas = random_pattern(base, targets, seed)
+    cfg = LoraConfig(r=8, target_modules=targets, rank_pattern=ranks, alpha_pattern=alphas, **config)
+    model = get_peft_model(base, cfg)
+    randomize_lora_b(model, seed)
+    return model
+
+
+def randomize_lora_b(model, seed):
+    """PEFT initialises B to zero; random B makes every gradient and output term non-trivial."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def rel_err(got, want):
+    """Relative error ||got - want|| / ||want|| (Frobenius): fp32 summation-order noise, not one element's."""
+    return (torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want).clamp_min(1e-30)).item()
+
+
+def logits_and_grads(model, inputs):
+    model.zero_grad(set_to_none=True)
+    logits = model(**inputs).logits
+    (logits ** 2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n and p.grad is not None}
+    return logits.detach(), grads
+
+
+def assert_same_run(got, want):
+    (logits, grads), (ref_logits, ref_grads) = got, want
+    assert rel_err(logits, ref_logits) <= 1e-5
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name in ref_grads:
+        assert rel_err(grads[name], ref_grads[name]) <= 1e-5, name
+
+
+def group_names(model):
+    names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+    return {tuple(names[id(m)] for m in module._slora_group.members)
+            for module in model.modules() if isinstance(module, FusedLoraLinear)}
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    model, tokenizer = load_minilm_classifier(seed=0)
+    model.eval()
+    inputs = tokenizer(["a gripping, beautifully shot film", "dull", "the plot never quite comes together at all"],
+                       padding=True, return_tensors="pt")
+    return model, inputs
+
+
+def minilm_lora(minilm, seed=0, **config):
+    base, inputs = minilm
+    return lora_model(copy.deepcopy(base), MINILM_TARGETS, seed, modules_to_save=["classifier"], **config), inputs
+
+
+def test_minilm_fused_equals_peft_after_fuse_and_unfuse(minilm):
+    model, inputs = minilm_lora(minilm)
+    stock = logits_and_grads(model, inputs)
+    assert fuse(model) is model
+    fused = sum(isinstance(m, FusedLoraLinear) for m in model.modules())
+    assert fused == sum(isinstance(m, lora.Linear) for m in model.modules()) == 37
+    assert group_names(model) == {("query", "key", "value"), ("dense",)}
+    assert_same_run(logits_and_grads(model, inputs), stock)
+    assert unfuse(model) is model
+    assert not any(isinstance(m, FusedLoraLinear) for m in model.modules())
+    assert not any(hasattr(m, "_slora_group") for m in model.modules())
+    assert_same_run(logits_and_grads(model, inputs), stock)
+
+
+def adapter_api_run(model, inputs):
+    """Logits in every adapter state PEFT exposes, and the gradients under a second adapter."""
+    out = {"default": model(**inputs).logits}
+    with model.disable_adapter():
+        out["disabled"] = model(**inputs).logits
+    model.merge_adapter()
+    out["merged"] = model(**inputs).logits
+    model.unmerge_adapter()
+    out["unmerged"] = model(**inputs).logits
+    model.set_adapter("other")
+    out["other"], grads = logits_and_grads(model, inputs)
+    model.set_adapter("default")
+    out["back"] = model(**inputs).logits
+    return {k: v.detach() for k, v in out.items()}, grads
+
+
+def test_minilm_adapter_api_behaves_as_peft(minilm):
+    model, inputs = minilm_lora(minilm)
+    ranks, alphas = random_pattern(model.get_base_model(), MINILM_TARGETS, seed=1)
+    model.add_adapter("other", LoraConfig(r=4, target_modules=MINILM_TARGETS, rank_pattern=ranks,
+                                          alpha_pattern=alphas))
+    randomize_lora_b(model, 1)
+    stock_logits, stock_grads = adapter_api_run(model, inputs)
+    fuse(model)
+    logits, grads = adapter_api_run(model, inputs)
+    for state, want in stock_logits.items():
+        assert rel_err(logits[state], want) <= 1e-5, state
+    assert not torch.allclose(stock_logits["default"], stock_logits["disabled"])
+    assert not torch.allclose(stock_logits["default"], stock_logits["other"])
+    assert_same_run((logits["other"], grads), (stock_logits["other"], stock_grads))
+    # Merging in place must not leave a stale stacked base weight behind.
+    assert rel_err(logits["unmerged"], logits["default"]) <= 1e-5
+
+
+def test_minilm_saved_adapter_loads_in_stock_peft(minilm, tmp_path):
+    model, inputs = minilm_lora(minilm)
+    fuse(model)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    fresh, _ = load_minilm_classifier(seed=123)
+    loaded = PeftModel.from_pretrained(fresh.eval(), tmp_path)
+    assert not any(isinstance(m, FusedLoraLinear) for m in loaded.modules())
+    with torch.no_grad():
+        assert (loaded(**inputs).logits - logits).abs().max().item() <= 1e-5
+
+
+def test_minilm_dropout_reproducible_and_active(minilm):
+    model, inputs = minilm_lora(minilm, lora_dropout=0.2)
+    fuse(model)
+    model.train()
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return model(**inputs).logits.detach()
+
+    assert torch.equal(run(0), run(0))
+    assert not torch.allclose(run(0), run(1))
+    model.eval()
+    with torch.no_grad():
+        fused_eval = model(**inputs).logits
+        unfuse(model)
+        assert rel_err(fused_eval, model(**inputs).logits) <= 1e-5
+
+
+def test_dora_layers_are_left_to_peft_with_a_warning(minilm):
+    model, inputs = minilm_lora(minilm, use_dora=True)
+    with torch.no_grad():
+        stock = model(**inputs).logits
+    with pytest.warns(UserWarning, match="DoRA"):
+        fuse(model)
+    assert not any(isinstance(m, FusedLoraLinear) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, stock)
+
+
+class TwoHeads(torch.nn.Module):
+    """A non-transformers model (no dummy_inputs): q and k read the same tensor, out reads another."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.out = torch.nn.Linear(12, 5), torch.nn.Linear(12, 7), torch.nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = torch.tanh(x)
+        return self.q(h).sum(-1) * self.k(h).sum(-1) + self.out(x).sum(-1)
+
+
+@pytest.mark.parametrize("with_inputs", [True, False])
+def test_custom_model_groups_from_example_inputs(with_inputs):
+    torch.manual_seed(0)
+    model = get_peft_model(TwoHeads(), LoraConfig(target_modules=["q", "k", "out"], rank_pattern={"q": 3, "k": 1}))
+    randomize_lora_b(model, 0)
+    x = torch.randn(4, 6, 12)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        y = model(x)
+        y.square().sum().backward()
+        return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+
+    stock = run()
+    if with_inputs:
+        fuse(model, example_inputs={"x": x[:1]})
+        assert group_names(model) == {("q", "k"), ("out",)}
+    else:
+        with pytest.warns(UserWarning, match="no example_inputs"):
+            fuse(model)
+        assert group_names(model) == {("q",), ("k",), ("out",)}
+    assert_same_run(run(), stock)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    model, tokenizer = load_smollm2()
+    model.eval()
+    inputs = tokenizer(["The film is a quiet triumph of", "Nothing in it works"], padding=True, return_tensors="pt")
+    return model, inputs
+
+
+@pytest.mark.slow
+def test_smollm2_fused_equals_peft_and_saves_stock_adapter(smollm2, tmp_path):
+    base, inputs = smollm2
+    fresh = copy.deepcopy(base)
+    model = lora_model(copy.deepcopy(base), SMOLLM2_TARGETS, seed=2)
+    stock = logits_and_grads(model, inputs)
+    fuse(model)
+    assert group_names(model) == {("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",),
+                                  ("down_proj",)}
+    fused = logits_and_grads(model, inputs)
+    assert_same_run(fused, stock)
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = PeftModel.from_pretrained(fresh, tmp_path)
+    with torch.no_grad():
+        reloaded = loaded(**inputs).logits
+    # The adapter round trip is exact; fused vs stock differs by fp32 summation order over 30 layers
+    # (max abs ~4e-5 on logits up to ~26), which the relative check above bounds.
+    assert (reloaded - stock[0]).abs().max().item() <= 1e-5
+    assert rel_err(reloaded, fused[0]) <= 1e-5
+    unfuse(model)
+    assert_same_run(logits_and_grads(model, inputs), stock)

@@ -1,0 +1,112 @@
+"""fuse / unfuse: swap a PeftModel's LoRA Linear layers for fused, shared-input grouped ones and back.
+
+Fusing changes each supported `peft.tuners.lora.Linear` into a `FusedLoraLinear` in place (the
+class changes, the parameters and adapter state are the same objects), so state_dict keys,
+`save_pretrained`, optimizers already holding the parameters and PEFT's adapter API keep working.
+Groups are found from the model itself: one probe forward (eval mode, no grad) records the input
+tensor of every LoRA layer, and layers whose input is the very same tensor form a group (q/k/v,
+gate/up in BERT/RoBERTa, Llama and most transformers).
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from peft.tuners import lora
+from torch import nn
+
+from slora_kernels.nn.fused import FusedLoraLinear, LoraGroup
+
+
+def fuse(peft_model: nn.Module, example_inputs: Mapping[str, Any] | None = None) -> nn.Module:
+    """Fuse the LoRA Linear layers of `peft_model` in place and return it.
+
+    example_inputs: keyword inputs for the probe forward that finds shared-input groups; default
+    the base model's `dummy_inputs` (every transformers model has them). Layers PEFT builds with
+    options the fused path does not implement (DoRA and other LoRA variants, lora_bias,
+    fan_in_fan_out, a base layer that is not a plain nn.Linear, e.g. quantised) stay stock PEFT
+    layers, with a warning naming them.
+    """
+    unfuse(peft_model)
+    layers, skipped = {}, []
+    for name, module in peft_model.named_modules():
+        if isinstance(module, lora.Linear):
+            reason = _unsupported(module)
+            if reason is None:
+                layers[name] = module
+            else:
+                skipped.append(f"{name} ({reason})")
+    if skipped:
+        warnings.warn(f"slora_kernels.fuse left {len(skipped)} layer(s) as stock PEFT layers: " + "; ".join(skipped),
+                      stacklevel=2)
+    for names in _shared_input_groups(peft_model, layers, example_inputs):
+        members = [layers[n] for n in names]
+        group = LoraGroup(members)
+        for module in members:
+            module.__class__ = FusedLoraLinear
+            module._slora_group = group
+    return peft_model
+
+
+def unfuse(peft_model: nn.Module) -> nn.Module:
+    """Put stock `peft.tuners.lora.Linear` layers back (in place, same parameters); returns the model."""
+    for module in peft_model.modules():
+        if isinstance(module, FusedLoraLinear):
+            module.__class__ = lora.Linear
+            del module._slora_group
+    return peft_model
+
+
+def _unsupported(module: lora.Linear) -> str | None:
+    if type(module) is not lora.Linear:
+        return f"{type(module).__name__} is a PEFT LoRA layer for a quantised or special base"
+    if type(module.base_layer) is not nn.Linear:
+        return f"base layer is {type(module.base_layer).__name__}, not torch.nn.Linear"
+    if module.fan_in_fan_out:
+        return "fan_in_fan_out=True"
+    if module.lora_variant:
+        variants = sorted({type(v).__name__ for v in module.lora_variant.values()})
+        return f"LoRA variant {', '.join(variants)} (e.g. DoRA) is not fused"
+    if any(module.lora_bias.values()):
+        return "lora_bias=True"
+    return None
+
+
+def _shared_input_groups(model: nn.Module, layers: dict[str, lora.Linear],
+                         example_inputs: Mapping[str, Any] | None) -> list[list[str]]:
+    """Names of layers grouped by the identity of the tensor they read in one probe forward."""
+    if example_inputs is None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        example_inputs = getattr(base, "dummy_inputs", None)
+    if example_inputs is None:
+        warnings.warn("slora_kernels.fuse: no example_inputs and the model has no dummy_inputs; every layer is "
+                      "fused on its own (no shared-input groups)", stacklevel=3)
+        return [[name] for name in layers]
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in example_inputs.items()}
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    hooks = [module.register_forward_pre_hook(lambda _, args, name=name: seen[name].append(args[0]))
+             for name, module in layers.items()]
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, mode in modes.items():
+            module.training = mode
+    groups: dict[tuple, list[str]] = {}
+    for name, module in layers.items():
+        calls = seen[name]
+        # A layer called more than once (or never) is not part of a fixed sharing pattern: alone.
+        key = (id(calls[0]), _dropouts(module)) if len(calls) == 1 else (name,)
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
+def _dropouts(module: lora.Linear) -> tuple:
+    return tuple(sorted((a, getattr(d, "p", 0.0)) for a, d in module.lora_dropout.items()))
