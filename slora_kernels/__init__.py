@@ -11,3 +11,15 @@ from slora_kernels.allocation import allocate_ranks  # noqa: E402
 from slora_kernels.sensitivity import Metrics, combine, metrics  # noqa: E402
 
 __all__ += ["Metrics", "allocate_ranks", "combine", "metrics"]
+
+
+def __getattr__(name: str):
+    # fuse / unfuse need peft (several seconds to import): load them on first use only.
+    if name in ("fuse", "unfuse"):
+        from slora_kernels import fusion
+
+        return getattr(fusion, name)
+    raise AttributeError(f"module 'slora_kernels' has no attribute {name!r}")
+
+
+__all__ += ["fuse", "unfuse"]
