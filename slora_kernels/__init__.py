@@ -8,9 +8,10 @@ from slora_kernels._version import __version__
 
 __all__ = ["HAS_EXTENSION", "WITH_CUDA", "__version__"]
 from slora_kernels.allocation import allocate_ranks  # noqa: E402
-from slora_kernels.sensitivity import Metrics, combine, metrics  # noqa: E402
+from slora_kernels.sensitivity import (Metrics, SensitivityReport, combine, estimate_sensitivity,  # noqa: E402
+                                      metrics)
 
-__all__ += ["Metrics", "allocate_ranks", "combine", "metrics"]
+__all__ += ["Metrics", "SensitivityReport", "allocate_ranks", "combine", "estimate_sensitivity", "metrics"]
 
 
 def __getattr__(name: str):

@@ -61,9 +61,9 @@ def activation_sq_accumulate(acc: torch.Tensor, x: torch.Tensor, mask: torch.Ten
         activation_sq(acc, rows, None if flat_mask is None else (flat_mask != 0).to(torch.int8).contiguous())
         return acc
     if flat_mask is not None:
-        rows = rows[flat_mask != 0]
+        rows = rows.index_select(0, flat_mask.nonzero().squeeze(1))  # faster than boolean indexing
     rows = rows.float()
-    acc += torch.einsum("td,td->d", rows, rows)
+    acc += (rows * rows).sum(0)  # several times faster than einsum or vector_norm on CPU
     return acc
 
 

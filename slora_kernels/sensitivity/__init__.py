@@ -1,5 +1,7 @@
 """Sensitivity of each adapted weight matrix (METHOD.md Steps 1-3): collection, metrics, combination."""
 from slora_kernels.sensitivity.combine import combine
+from slora_kernels.sensitivity.estimate import estimate_sensitivity
 from slora_kernels.sensitivity.metrics import Metrics, metrics
+from slora_kernels.sensitivity.report import MatrixSensitivity, SensitivityReport
 
-__all__ = ["Metrics", "combine", "metrics"]
+__all__ = ["MatrixSensitivity", "Metrics", "SensitivityReport", "combine", "estimate_sensitivity", "metrics"]

@@ -1,0 +1,202 @@
+"""Estimators: hooks on the target nn.Linear modules that fill one fp32 accumulator per matrix.
+
+- activation (the paper, forward only): acc[d_in] = sum_t x_t^2 over unmasked tokens; the
+  Hessian diagonal is 2/n * acc, shared by all d_out rows. Modules fed the same input tensor
+  (q/k/v, gate/up) reuse one reduction.
+- fisher (empirical Fisher, needs labels): a tensor hook on each output receives g = dL/dy;
+  per token acc[d_out, d_in] += (g^2)^T (x^2), per sample += (g_b^T x_b)^2; divided by the
+  token or sample count. L is the model's loss times the batch size, i.e. per-sample losses
+  summed when the model averages over samples.
+- hutchinson (true Hessian diagonal, needs labels): acc += mean over probes of z * (H z),
+  Rademacher z from a seeded generator, H z by double backward restricted to the target
+  weights; averaged over batches. The estimate can dip below zero; its magnitude is reported.
+Padding tokens (attention_mask == 0) never count: the [B, T] mask is mapped onto each input
+of shape [B, T, d] (or [B*T, d]); inputs with other leading shapes (e.g. a pooled [B, d]) count
+every row.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from slora_kernels.ops.sensitivity import activation_sq_accumulate, fisher_diag_accumulate
+from slora_kernels.sensitivity.distributed import all_reduce_sum
+
+
+def token_mask(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask reshaped to x's token dimensions, or None when every row counts."""
+    if mask is None:
+        return None
+    lead = tuple(x.shape[:-1])
+    if lead == tuple(mask.shape):
+        return mask
+    if math.prod(lead) == mask.numel():
+        return mask.reshape(lead)
+    return None
+
+
+class Collector(ABC):
+    """Common part: accumulators, token counts, hooks, the all-reduce, and the final diagonals."""
+
+    def __init__(self, targets: Mapping[str, nn.Linear], acc_shape: str):
+        self.targets = dict(targets)
+        self.acc = {n: torch.zeros(m.in_features if acc_shape == "feature" else (m.out_features, m.in_features),
+                                   dtype=torch.float32, device=m.weight.device) for n, m in self.targets.items()}
+        self.tokens = {n: 0 for n in self.targets}
+        self.samples = 0
+        self.batches = 0
+        self.mask: torch.Tensor | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._last: tuple[torch.Tensor, object] | None = None  # (input, work derived from it) of this batch
+
+    def attach(self) -> None:
+        for name, module in self.targets.items():
+            self._handles.append(module.register_forward_hook(self._make_hook(name)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _count(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        m = token_mask(self.mask, x)
+        self.tokens[name] += int(m.count_nonzero()) if m is not None else math.prod(x.shape[:-1])
+        return m
+
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            self.observe(name, inputs[0], output)
+        return hook
+
+    def observe(self, name: str, x: torch.Tensor, output: torch.Tensor) -> None:
+        self._count(name, x)
+
+    def _per_input(self, x: torch.Tensor, compute):
+        """compute() once per distinct input tensor: modules that share x (q/k/v, gate/up) reuse it."""
+        if self._last is None or self._last[0] is not x:
+            self._last = (x, compute())
+        return self._last[1]
+
+    def run_batch(self, model: nn.Module, batch: dict, mask: torch.Tensor | None, batch_size: int) -> None:
+        self.mask = mask
+        try:
+            self.step(model, batch, batch_size)
+        finally:
+            self.mask, self._last = None, None
+        self.samples += batch_size
+        self.batches += 1
+
+    @abstractmethod
+    def step(self, model: nn.Module, batch: dict, batch_size: int) -> None:
+        """Run one batch through the model with the hooks attached."""
+
+    def reduce(self) -> None:
+        """Sum accumulators and counts over torch.distributed ranks (no-op in one process)."""
+        names = list(self.targets)
+        device = next(iter(self.acc.values())).device
+        counts = torch.tensor([self.tokens[n] for n in names] + [self.samples, self.batches],
+                              dtype=torch.int64, device=device)
+        all_reduce_sum([self.acc[n] for n in names] + [counts])
+        values = counts.tolist()
+        self.tokens = dict(zip(names, values[:len(names)]))
+        self.samples, self.batches = values[-2], values[-1]
+
+    @abstractmethod
+    def diagonal(self, name: str) -> torch.Tensor:
+        """The estimated Hessian diagonal of one matrix ([d_in] shared by all rows, or [d_out, d_in])."""
+
+
+class ActivationCollector(Collector):
+    def __init__(self, targets: Mapping[str, nn.Linear]):
+        super().__init__(targets, "feature")
+
+    def observe(self, name: str, x: torch.Tensor, output: torch.Tensor) -> None:
+        mask = self._count(name, x)
+        self.acc[name] += self._per_input(
+            x, lambda: activation_sq_accumulate(torch.zeros_like(self.acc[name]), x.detach(), mask))
+
+    def step(self, model, batch, batch_size):
+        with torch.no_grad():
+            model(**batch)
+
+    def diagonal(self, name):
+        return self.acc[name].double() * (2.0 / self.tokens[name])
+
+
+def _loss(model: nn.Module, batch: dict, estimator: str) -> torch.Tensor:
+    loss = getattr(model(**batch), "loss", None)
+    if loss is None:
+        raise ValueError(f"estimator={estimator!r} needs the task loss, but the model returned none: put the "
+                         f"labels in each batch (e.g. batch['labels']); got keys {sorted(batch)}")
+    return loss
+
+
+class FisherCollector(Collector):
+    def __init__(self, targets: Mapping[str, nn.Linear], per_sample: bool):
+        super().__init__(targets, "matrix")
+        self.per_sample = per_sample
+
+    def observe(self, name: str, x: torch.Tensor, output: torch.Tensor) -> None:
+        mask = self._count(name, x)
+        if not output.requires_grad:
+            output.requires_grad_()  # a leaf: the graph starts here, no frozen weight gets a gradient
+        x3, keep = self._per_input(x, lambda: self._prepare(x.detach(), mask))
+
+        def on_grad(g: torch.Tensor) -> None:
+            if keep is None:
+                g3 = g.reshape(*x3.shape[:-1], g.shape[-1])
+            elif self.per_sample:
+                g3 = g.reshape(*keep.shape[:-1], g.shape[-1]) * keep.to(g.dtype)
+            else:
+                g3 = g.reshape(-1, g.shape[-1]).index_select(0, keep)[None]
+            fisher_diag_accumulate(self.acc[name], x3, g3.to(x3.dtype), per_sample=self.per_sample)
+        output.register_hook(on_grad)
+
+    def _prepare(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x as [B, T, d_in] and how to drop padding from g: per token, padding rows are removed
+        from both (less work); per sample, the [B, T, 1] mask zeroes their gradients."""
+        if mask is None:
+            return x.reshape(x.shape[0], -1, x.shape[-1]), None
+        if self.per_sample:
+            return x.reshape(x.shape[0], -1, x.shape[-1]), mask.reshape(x.shape[0], -1, 1)
+        keep = mask.reshape(-1).nonzero().squeeze(1)
+        return x.reshape(-1, x.shape[-1]).index_select(0, keep)[None], keep
+
+    def step(self, model, batch, batch_size):
+        with torch.enable_grad():
+            (_loss(model, batch, "fisher") * batch_size).backward()
+
+    def diagonal(self, name):
+        return self.acc[name].double() / (self.samples if self.per_sample else self.tokens[name])
+
+
+class HutchinsonCollector(Collector):
+    def __init__(self, targets: Mapping[str, nn.Linear], probes: int, seed: int):
+        super().__init__(targets, "matrix")
+        self.probes = probes
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def step(self, model, batch, batch_size):
+        names = list(self.targets)
+        weights = [self.targets[n].weight for n in names]
+        for w in weights:
+            w.requires_grad_(True)
+        try:  # the math attention backend is the one with a double backward
+            with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+                grads = torch.autograd.grad(_loss(model, batch, "hutchinson"), weights, create_graph=True)
+                for _ in range(self.probes):
+                    zs = [(torch.randint(0, 2, w.shape, generator=self.generator) * 2 - 1).to(w) for w in weights]
+                    hvs = torch.autograd.grad(grads, weights, grad_outputs=zs, retain_graph=True)
+                    for n, z, hv in zip(names, zs, hvs):
+                        self.acc[n] += (z * hv).float() / self.probes
+        finally:
+            for w in weights:
+                w.requires_grad_(False)
+
+    def diagonal(self, name):
+        return (self.acc[name].double() / self.batches).abs()

@@ -1,0 +1,112 @@
+"""estimate_sensitivity: run calibration batches through a model and report per-matrix sensitivity."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from slora_kernels.ops._checks import check_positive_int
+from slora_kernels.sensitivity.collect import (ActivationCollector, Collector, FisherCollector,
+                                               HutchinsonCollector)
+from slora_kernels.sensitivity.combine import Components, Weighting, combine
+from slora_kernels.sensitivity.metrics import metrics
+from slora_kernels.sensitivity.report import MatrixSensitivity, SensitivityReport
+from slora_kernels.sensitivity.targets import find_targets
+
+Estimator = Literal["activation", "fisher", "hutchinson"]
+Layout = Literal["parameter", "feature"]
+
+
+def _batch_size(batch: dict) -> int:
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return value.shape[0]
+    raise ValueError(f"a batch must hold at least one tensor with a batch dimension, got keys {sorted(batch)}")
+
+
+def _collector(targets: dict[str, nn.Linear], estimator: str, per_sample: bool, probes: int, seed: int) -> Collector:
+    if estimator == "activation":
+        return ActivationCollector(targets)
+    if estimator == "fisher":
+        return FisherCollector(targets, per_sample)
+    if estimator == "hutchinson":
+        return HutchinsonCollector(targets, check_positive_int("probes", probes), seed)
+    raise ValueError(f"estimator must be 'activation', 'fisher' or 'hutchinson', got {estimator!r}")
+
+
+def _run(model: nn.Module, collector: Collector, batches: Iterable[dict], max_batches: int | None, progress: bool) -> None:
+    device = next(model.parameters()).device
+    total = len(batches) if hasattr(batches, "__len__") else None
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    was_training = model.training
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()  # no dropout while measuring
+    for p, _ in frozen:
+        p.requires_grad_(False)  # no weight gradients: only the hooks' accumulators are filled
+    collector.attach()
+    try:
+        for index, batch in enumerate(tqdm(batches, total=total, disable=not progress, desc="sensitivity")):
+            if max_batches is not None and index >= max_batches:
+                break
+            if not isinstance(batch, dict):
+                raise TypeError(f"batches must yield dicts of model inputs, got {type(batch).__name__} at batch {index}")
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            collector.run_batch(model, batch, batch.get("attention_mask"), _batch_size(batch))
+    finally:
+        collector.detach()
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def estimate_sensitivity(model: nn.Module, batches: Iterable[dict], *, target_modules: str | Sequence[str],
+                         estimator: Estimator = "activation", diag_layout: Layout = "parameter",
+                         max_batches: int | None = None, progress: bool = True, per_sample: bool = False,
+                         probes: int = 8, seed: int = 0, topk_fraction: float = 0.5, alpha: float = 0.85,
+                         components: Components = "both", weighting: Weighting = "paper") -> SensitivityReport:
+    """Measure every target nn.Linear on calibration batches (dicts for model(**batch)).
+
+    estimator: "activation" (the paper: forward only, H = 2/n X X^T), "fisher" (empirical Fisher
+    from the task loss, per token or per_sample; needs labels) or "hutchinson" (`probes`
+    Rademacher probes per batch, seeded; needs labels). diag_layout: "parameter" counts every
+    weight's diagonal entry (the paper's N = d_out * d_in, exact without materialising), "feature"
+    the d_in input features (the mean over rows). Under torch.distributed each rank passes its
+    own batches and every rank gets the report of all of them.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if diag_layout not in ("parameter", "feature"):
+        raise ValueError(f"diag_layout must be 'parameter' or 'feature', got {diag_layout!r}")
+    if max_batches is not None:
+        check_positive_int("max_batches", max_batches)
+    targets = find_targets(model, target_modules)
+    collector = _collector(targets, estimator, per_sample, probes, seed)
+    _run(model, collector, batches, max_batches, progress)
+    collector.reduce()
+    if collector.batches == 0:
+        raise ValueError("batches yielded no batch: the estimate needs at least one calibration batch")
+    unseen = [n for n, t in collector.tokens.items() if t == 0]
+    if unseen:
+        raise ValueError(f"these target modules saw no unmasked token (not called in the forward pass, "
+                         f"or every token masked): {unseen[:8]}")
+    by_name = {}
+    for name, module in targets.items():
+        diag = collector.diagonal(name)
+        if diag_layout == "feature" and diag.dim() == 2:
+            diag = diag.mean(0)
+        repeat = module.out_features if diag_layout == "parameter" and diag.dim() == 1 else 1
+        by_name[name] = metrics(diag, repeat=repeat, topk_fraction=topk_fraction, alpha=alpha)
+    theta = combine(by_name, components=components, weighting=weighting)
+    settings = {"estimator": estimator, "diag_layout": diag_layout, "topk_fraction": topk_fraction, "alpha": alpha,
+                "components": components, "weighting": weighting, "batches": collector.batches,
+                "samples": collector.samples}
+    if estimator == "fisher":
+        settings["per_sample"] = per_sample
+    if estimator == "hutchinson":
+        settings.update(probes=probes, seed=seed)
+    return SensitivityReport([MatrixSensitivity(n, (m.out_features, m.in_features), collector.tokens[n], by_name[n],
+                                                theta[n]) for n, m in targets.items()], settings)
