@@ -35,7 +35,8 @@ def reference(x, weights, biases, lora_a, lora_b, scales, keep=None):
 
 
 def seeded_keep(x, p, seed):
-    generator = torch.Generator().manual_seed(seed)
+    """The documented mask: a generator on x's device seeded with `seed`, bernoulli(1 - p), over 1 - p."""
+    generator = torch.Generator(device=x.device).manual_seed(seed)
     return torch.empty_like(x).bernoulli_(1.0 - p, generator=generator) / (1.0 - p)
 
 

@@ -173,6 +173,11 @@ def _cuda_layout(lora_b: list[torch.Tensor]):
     return segment_layout(d_outs, ranks, lora_b[0].device)
 
 
+def _triton_path(x: torch.Tensor) -> bool:
+    """CUDA tensors take the Triton kernels (tests also route CPU tensors there, in the interpreter)."""
+    return x.is_cuda
+
+
 def _flat_b(lora_b: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([b.reshape(-1) for b in lora_b])
 
@@ -184,7 +189,7 @@ def _grouped_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     keep = _dropout_scale(x, dropout_p, seed)
     s = torch.mm(x if keep is None else x * keep, _pack_a(lora_a).t())
     y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-    if x.is_cuda:
+    if _triton_path(x):
         from slora_kernels.triton.lora_kernels import lora_expand_
 
         lora_expand_(y, s, _flat_b(lora_b), scales, _cuda_layout(lora_b))
@@ -208,7 +213,7 @@ def _grouped_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
                       need_x: bool, need_weight: bool) -> list[torch.Tensor]:
     """[dx, dW_cat, dA_0.., dB_0..]; dx / dW_cat are empty when not needed."""
     ranks, _ = _ranks_and_outs(lora_b)
-    if x.is_cuda:
+    if _triton_path(x):
         from slora_kernels.triton.lora_kernels import lora_grad_b, lora_grad_s
 
         layout, b_flat = _cuda_layout(lora_b), _flat_b(lora_b)
