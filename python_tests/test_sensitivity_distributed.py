@@ -1,0 +1,59 @@
+"""Two CPU processes (gloo), each with half the batches, get the report of one process on all of them."""
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from sensitivity_toy import Toy, toy_batches
+
+from slora_kernels import SensitivityReport, estimate_sensitivity
+
+TARGETS = ["query", "key", "value", "up", "down", "head"]
+ESTIMATORS = [("activation", {}), ("fisher", {}), ("fisher", {"per_sample": True}), ("hutchinson", {"probes": 3})]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        mine = toy_batches(n_batches=6)[rank::world]
+        for i, (estimator, kwargs) in enumerate(ESTIMATORS):
+            report = estimate_sensitivity(Toy(), mine, target_modules=TARGETS, estimator=estimator, progress=False,
+                                          **kwargs)
+            report.to_json(f"{out_dir}/rank{rank}_{i}.json")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i, (estimator, kwargs) in enumerate(ESTIMATORS):
+            # hutchinson draws its probes per process: compare it on the batch counts and tokens only
+            single = estimate_sensitivity(Toy(), toy_batches(n_batches=6), target_modules=TARGETS,
+                                          estimator=estimator, progress=False, **kwargs)
+            ranks = [SensitivityReport.from_json(tmp_path / f"rank{r}_{i}.json") for r in range(2)]
+            assert ranks[0].matrices == ranks[1].matrices  # every rank holds the same report
+            got = ranks[0]
+            assert got.settings == single.settings
+            assert [m.tokens for m in got.matrices] == [m.tokens for m in single.matrices]
+            if estimator == "hutchinson":
+                continue
+            for a, b in zip(got.matrices, single.matrices):
+                assert a.metrics.trace == pytest.approx(b.metrics.trace, rel=1e-5)
+                assert a.metrics.topk == pytest.approx(b.metrics.topk, rel=1e-5)
+                assert abs(a.metrics.eff_rank - b.metrics.eff_rank) <= 1
+                assert a.theta == pytest.approx(b.theta, rel=1e-4)
+            assert got.ranks(4) == single.ranks(4)
+    finally:
+        torch.set_num_threads(threads)
