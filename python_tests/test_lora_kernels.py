@@ -68,7 +68,7 @@ def test_layout_pads_each_rank_to_sixteen_not_to_the_group_max():
     assert layout.meta.tolist() == [[0, 40, 0, 1, 0], [40, 8, 1, 70, 40]]
     assert layout.total_rank == 71 and layout.total_out == 48 and layout.b_numel == 40 + 8 * 70
     # rank tiles: one 16-wide chunk for r = 1, ceil(70 / 16) = 5 for r = 70 (not 5 + 5).
-    assert layout.rank_tiles.tolist() == [[0, 0]] + [[1, k] for k in range(0, 70, BLOCK_R)]
+    assert layout.rank_tiles.tolist() == [[0, 0, 0]] + [[1, 0, k] for k in range(0, 70, BLOCK_R)]
 
 
 @pytest.fixture

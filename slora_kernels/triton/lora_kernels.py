@@ -33,8 +33,8 @@ class SegmentLayout:
     """Per-layer metadata of one group, on the kernels' device (built once per shape, cached)."""
 
     meta: torch.Tensor          # int64 [G, 5]: col_offset, d_out, rank_offset, rank, b_offset
-    expand_tiles: torch.Tensor  # int32 [T, 2]: (layer, first output column)
-    rank_tiles: torch.Tensor    # int32 [T, 2]: (layer, first rank)
+    expand_tiles: torch.Tensor  # int32 [T, 3]: (layer, first output column, 0)
+    rank_tiles: torch.Tensor    # int32 [T, 3]: (layer, 0, first rank)
     grad_b_tiles: torch.Tensor  # int32 [T, 3]: (layer, first output column, first rank)
     total_rank: int
     total_out: int
@@ -48,8 +48,8 @@ def segment_layout(d_outs: tuple[int, ...], ranks: tuple[int, ...], device: torc
     col = rank_off = b_off = 0
     for i, (d_out, r) in enumerate(zip(d_outs, ranks)):
         meta.append((col, d_out, rank_off, r, b_off))
-        expand += [(i, n) for n in range(0, d_out, BLOCK_N)]
-        rank_tiles += [(i, k) for k in range(0, r, BLOCK_R)]
+        expand += [(i, n, 0) for n in range(0, d_out, BLOCK_N)]
+        rank_tiles += [(i, 0, k) for k in range(0, r, BLOCK_R)]
         grad_b += [(i, n, k) for n in range(0, d_out, BLOCK_N) for k in range(0, r, BLOCK_R)]
         col, rank_off, b_off = col + d_out, rank_off + r, b_off + d_out * r
 
@@ -61,19 +61,32 @@ def segment_layout(d_outs: tuple[int, ...], ranks: tuple[int, ...], device: torc
 
 
 @triton.jit
-def _load_meta(meta_ptr, layer):
-    base = meta_ptr + layer * 5
-    return tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3), tl.load(base + 4)
+def _tile(tiles_ptr, tile, meta_ptr, scale_ptr):
+    """This program's tile: (first column, first rank) and its layer's (col, d_out, rank_off, rank, b_off, scale)."""
+    layer, n0, k0 = tl.load(tiles_ptr + 3 * tile), tl.load(tiles_ptr + 3 * tile + 1), tl.load(tiles_ptr + 3 * tile + 2)
+    meta = meta_ptr + layer * 5
+    return (n0, k0, tl.load(meta), tl.load(meta + 1), tl.load(meta + 2), tl.load(meta + 3), tl.load(meta + 4),
+            tl.load(scale_ptr + layer))
+
+
+@triton.jit
+def _load_2d(ptr, rows, row_stride, cols, col_stride, row_ok, col_ok):
+    """Masked [rows, cols] tile at ptr[rows * row_stride + cols * col_stride], zeros outside."""
+    return tl.load(ptr + rows[:, None] * row_stride + cols[None, :] * col_stride, mask=row_ok[:, None] & col_ok[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _store_2d(ptr, rows, row_stride, cols, col_stride, row_ok, col_ok, value):
+    tl.store(ptr + rows[:, None] * row_stride + cols[None, :] * col_stride, value.to(ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
 def _expand_kernel(s_ptr, b_ptr, y_ptr, meta_ptr, scale_ptr, tiles_ptr, n_tokens, stride_s, stride_y,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr):
     pid_m = tl.program_id(0)
-    layer = tl.load(tiles_ptr + 2 * tl.program_id(1))
-    n0 = tl.load(tiles_ptr + 2 * tl.program_id(1) + 1)
-    col, d_out, rank_off, rank, b_off = _load_meta(meta_ptr, layer)
-    scale = tl.load(scale_ptr + layer)
+    n0, _, col, d_out, rank_off, rank, b_off, scale = _tile(tiles_ptr, tl.program_id(1), meta_ptr, scale_ptr)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
@@ -83,24 +96,18 @@ def _expand_kernel(s_ptr, b_ptr, y_ptr, meta_ptr, scale_ptr, tiles_ptr, n_tokens
     for k in range(0, rank, BLOCK_R):
         kk = k + offs_r
         k_ok = kk < rank
-        s = tl.load(s_ptr + offs_m[:, None] * stride_s + (rank_off + kk)[None, :],
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b_t = tl.load(b_ptr + b_off + offs_n[None, :] * rank + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        s = _load_2d(s_ptr + rank_off, offs_m, stride_s, kk, 1, m_ok, k_ok)
+        b_t = _load_2d(b_ptr + b_off, kk, 1, offs_n, rank, k_ok, n_ok)
         acc += tl.dot(s, b_t, input_precision="ieee", out_dtype=ACC)
-    y_ptrs = y_ptr + offs_m[:, None] * stride_y + (col + offs_n)[None, :]
-    y_mask = m_ok[:, None] & n_ok[None, :]
-    y = tl.load(y_ptrs, mask=y_mask, other=0.0)
-    tl.store(y_ptrs, (y.to(ACC) + scale * acc).to(y.dtype), mask=y_mask)
+    y = _load_2d(y_ptr + col, offs_m, stride_y, offs_n, 1, m_ok, n_ok)
+    _store_2d(y_ptr + col, offs_m, stride_y, offs_n, 1, m_ok, n_ok, y.to(ACC) + scale * acc)
 
 
 @triton.jit
 def _grad_s_kernel(dy_ptr, b_ptr, ds_ptr, meta_ptr, scale_ptr, tiles_ptr, n_tokens, stride_dy, stride_ds,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr):
     pid_m = tl.program_id(0)
-    layer = tl.load(tiles_ptr + 2 * tl.program_id(1))
-    k0 = tl.load(tiles_ptr + 2 * tl.program_id(1) + 1)
-    col, d_out, rank_off, rank, b_off = _load_meta(meta_ptr, layer)
-    scale = tl.load(scale_ptr + layer)
+    _, k0, col, d_out, rank_off, rank, b_off, scale = _tile(tiles_ptr, tl.program_id(1), meta_ptr, scale_ptr)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     kk = k0 + tl.arange(0, BLOCK_R)
     m_ok = offs_m < n_tokens
@@ -109,20 +116,16 @@ def _grad_s_kernel(dy_ptr, b_ptr, ds_ptr, meta_ptr, scale_ptr, tiles_ptr, n_toke
     for n in range(0, d_out, BLOCK_N):
         nn = n + tl.arange(0, BLOCK_N)
         n_ok = nn < d_out
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dy + (col + nn)[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + b_off + nn[:, None] * rank + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        dy = _load_2d(dy_ptr + col, offs_m, stride_dy, nn, 1, m_ok, n_ok)
+        b = _load_2d(b_ptr + b_off, nn, rank, kk, 1, n_ok, k_ok)
         acc += tl.dot(dy, b, input_precision="ieee", out_dtype=ACC)
-    tl.store(ds_ptr + offs_m[:, None] * stride_ds + (rank_off + kk)[None, :], (scale * acc).to(ds_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & k_ok[None, :])
+    _store_2d(ds_ptr + rank_off, offs_m, stride_ds, kk, 1, m_ok, k_ok, scale * acc)
 
 
 @triton.jit
 def _grad_b_kernel(dy_ptr, s_ptr, db_ptr, meta_ptr, scale_ptr, tiles_ptr, n_tokens, stride_dy, stride_s,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr):
-    tile = tiles_ptr + 3 * tl.program_id(0)
-    layer, n0, k0 = tl.load(tile), tl.load(tile + 1), tl.load(tile + 2)
-    col, d_out, rank_off, rank, b_off = _load_meta(meta_ptr, layer)
-    scale = tl.load(scale_ptr + layer)
+    n0, k0, col, d_out, rank_off, rank, b_off, scale = _tile(tiles_ptr, tl.program_id(0), meta_ptr, scale_ptr)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     kk = k0 + tl.arange(0, BLOCK_R)
     n_ok = offs_n < d_out
@@ -131,49 +134,37 @@ def _grad_b_kernel(dy_ptr, s_ptr, db_ptr, meta_ptr, scale_ptr, tiles_ptr, n_toke
     for m in range(0, n_tokens, BLOCK_M):
         mm = m + tl.arange(0, BLOCK_M)
         m_ok = mm < n_tokens
-        dy = tl.load(dy_ptr + mm[:, None] * stride_dy + (col + offs_n)[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        s = tl.load(s_ptr + mm[:, None] * stride_s + (rank_off + kk)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.dot(tl.trans(dy), s, input_precision="ieee", out_dtype=ACC)
-    tl.store(db_ptr + b_off + offs_n[:, None] * rank + kk[None, :], (scale * acc).to(db_ptr.dtype.element_ty),
-             mask=n_ok[:, None] & k_ok[None, :])
+        dy_t = _load_2d(dy_ptr + col, offs_n, 1, mm, stride_dy, n_ok, m_ok)
+        s = _load_2d(s_ptr + rank_off, mm, stride_s, kk, 1, m_ok, k_ok)
+        acc += tl.dot(dy_t, s, input_precision="ieee", out_dtype=ACC)
+    _store_2d(db_ptr + b_off, offs_n, rank, kk, 1, n_ok, k_ok, scale * acc)
 
 
-def _accumulator(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _scales(scales: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return torch.tensor(list(scales), dtype=dtype, device=like.device)
+def _launch(kernel, grid, first, second, out, tiles, layout, scales, strides):
+    """Run one segmented kernel on (first, second) into out; first is [N, ...] (token count, dtype)."""
+    wide = first.dtype == torch.float64
+    scale_t = torch.tensor(list(scales), dtype=torch.float64 if wide else torch.float32, device=out.device)
+    kernel[grid](first, second, out, layout.meta, scale_t, tiles, first.shape[0], *strides,
+                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, ACC=tl.float64 if wide else tl.float32)
+    return out
 
 
 def lora_expand_(y: torch.Tensor, s: torch.Tensor, b_flat: torch.Tensor, scales: Sequence[float],
                  layout: SegmentLayout) -> torch.Tensor:
     """Y[:, cols_i] += scales[i] * S_i B_i^T for every layer, in place; y [N, D], s [N, R] row-major."""
-    n_tokens = y.shape[0]
-    grid = (triton.cdiv(n_tokens, BLOCK_M), layout.expand_tiles.shape[0])
-    _expand_kernel[grid](s, b_flat, y, layout.meta, _scales(scales, y), layout.expand_tiles, n_tokens,
-                         s.stride(0), y.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
-                         ACC=_accumulator(y.dtype))
-    return y
+    grid = (triton.cdiv(y.shape[0], BLOCK_M), layout.expand_tiles.shape[0])
+    return _launch(_expand_kernel, grid, s, b_flat, y, layout.expand_tiles, layout, scales, (s.stride(0), y.stride(0)))
 
 
 def lora_grad_s(dy: torch.Tensor, b_flat: torch.Tensor, scales: Sequence[float], layout: SegmentLayout) -> torch.Tensor:
     """dS [N, R]: dS_i = scales[i] * dY_i B_i."""
-    n_tokens = dy.shape[0]
-    ds = dy.new_empty((n_tokens, layout.total_rank))
-    grid = (triton.cdiv(n_tokens, BLOCK_M), layout.rank_tiles.shape[0])
-    _grad_s_kernel[grid](dy, b_flat, ds, layout.meta, _scales(scales, dy), layout.rank_tiles, n_tokens,
-                         dy.stride(0), ds.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
-                         ACC=_accumulator(dy.dtype))
-    return ds
+    ds = dy.new_empty((dy.shape[0], layout.total_rank))
+    grid = (triton.cdiv(dy.shape[0], BLOCK_M), layout.rank_tiles.shape[0])
+    return _launch(_grad_s_kernel, grid, dy, b_flat, ds, layout.rank_tiles, layout, scales, (dy.stride(0), ds.stride(0)))
 
 
 def lora_grad_b(dy: torch.Tensor, s: torch.Tensor, scales: Sequence[float], layout: SegmentLayout) -> torch.Tensor:
     """dB flat like the packed B: dB_i = scales[i] * dY_i^T S_i."""
     db = dy.new_empty((layout.b_numel,))
-    grid = (layout.grad_b_tiles.shape[0],)
-    _grad_b_kernel[grid](dy, s, db, layout.meta, _scales(scales, dy), layout.grad_b_tiles, dy.shape[0],
-                         dy.stride(0), s.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
-                         ACC=_accumulator(dy.dtype))
-    return db
+    return _launch(_grad_b_kernel, (layout.grad_b_tiles.shape[0],), dy, s, db, layout.grad_b_tiles, layout, scales,
+                   (dy.stride(0), s.stride(0)))
