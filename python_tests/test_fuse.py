@@ -213,6 +213,13 @@ def test_custom_model_groups_from_example_inputs(with_inputs):
     assert_same_run(run(), stock)
 
 
+def test_failing_probe_asks_for_example_inputs():
+    model = get_peft_model(TwoHeads(), LoraConfig(target_modules=["q", "k"]))
+    with pytest.raises(ValueError, match="pass example_inputs"):
+        fuse(model, example_inputs={"x": torch.randn(2, 5)})  # wrong feature size
+    assert not any(isinstance(m, FusedLoraLinear) for m in model.modules())
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     model, tokenizer = load_smollm2()

@@ -94,6 +94,9 @@ def _shared_input_groups(model: nn.Module, layers: dict[str, lora.Linear],
         model.eval()
         with torch.no_grad():
             model(**inputs)
+    except Exception as error:
+        raise ValueError(f"slora_kernels.fuse: the probe forward that finds shared-input layers failed ({error}); "
+                         "pass example_inputs, keyword inputs the model accepts") from error
     finally:
         for hook in hooks:
             hook.remove()
