@@ -84,3 +84,9 @@ def test_bad_diag(bad, error, text):
 def test_bad_options(kwargs, error, text):
     with pytest.raises(error, match=text):
         metrics(torch.ones(3), **kwargs)
+
+
+@pytest.mark.cuda
+def test_cuda_diag_matches_cpu(seeded):
+    diag = torch.rand(5, 40, generator=seeded)
+    assert metrics(diag.cuda(), repeat=3) == metrics(diag, repeat=3)

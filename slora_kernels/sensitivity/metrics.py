@@ -72,7 +72,7 @@ def _effective_rank(lam: torch.Tensor, prefix: torch.Tensor, repeat: int, alpha:
         return 0
     target = alpha * total  # compare unrepeated prefixes against alpha * (unrepeated total)
     # first group whose whole-group prefix reaches the target, then the copies needed within it
-    i = int(torch.searchsorted(prefix, torch.tensor([target], dtype=prefix.dtype), side="left").item())
+    i = int(torch.searchsorted(prefix, prefix.new_tensor([target]), side="left").item())
     i = min(i, lam.numel() - 1)
     before = prefix[i - 1].item() if i else 0.0
     copies = math.ceil(repeat * (target - before) / lam[i].item())
