@@ -18,7 +18,7 @@ from slora_kernels.training import TrainConfig
 
 # The demo: the measured reference setting (DESIGN.md), and a slice of it that runs in well under 2 minutes.
 DEMO_FULL = {"train": 4000, "eval": 1000, "epochs": 2, "calib": 512, "max_length": 128}
-DEMO_QUICK = {"train": 192, "eval": 128, "epochs": 1, "calib": 64, "max_length": 48}
+DEMO_QUICK = {"train": 128, "eval": 128, "epochs": 1, "calib": 32, "max_length": 32}
 DEMO_AVG_RANK = 4
 
 
@@ -35,19 +35,17 @@ def _dataset(args: argparse.Namespace) -> tuple[Dataset, str]:
 
 
 def _config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(epochs=getattr(args, "epochs", 1), batch_size=args.batch_size, lr=getattr(args, "lr", 5e-4),
-                       max_length=args.max_length, seed=args.seed, max_steps=getattr(args, "max_steps", None),
-                       progress=not args.quiet)
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
+                       seed=args.seed, max_steps=args.max_steps, progress=not args.quiet)
 
 
 def _print_ranks(ranks: dict[str, int]) -> None:
     """The plot's numbers as text: one row per layer, one column per module type."""
     rows, cols, grid = rank_grid(ranks)
     short = short_labels(cols)
-    width = max(len(s) for s in short) + 1
-    print("layer  " + "".join(f"{s:>{width}}" for s in short))
+    print("layer " + "".join(f"  {s}" for s in short))
     for row, values in zip(rows, grid):
-        print(f"{row:<7}" + "".join(f"{'-' if v is None else v:>{width}}" for v in values))
+        print(f"{row:<6}" + "".join(f"  {'-' if v is None else v:>{len(s)}}" for s, v in zip(short, values)))
 
 
 def analyze(args: argparse.Namespace) -> None:

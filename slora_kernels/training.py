@@ -66,7 +66,11 @@ def batches(tokenizer, examples: Examples, batch_size: int, max_length: int,
 
 def train(model: nn.Module, tokenizer, examples: Examples, config: TrainConfig,
           after_step: Callable[[int], None] | None = None) -> TrainStats:
-    """Fine-tune the parameters that require grad; `after_step(step)` runs after each optimizer step."""
+    """Fine-tune the parameters that require grad.
+
+    `after_step(i)` runs after the i-th optimizer step (0-based, gradients still there): PEFT's
+    convention for AdaLoRA's `update_and_allocate`.
+    """
     torch.manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
@@ -84,9 +88,9 @@ def train(model: nn.Module, tokenizer, examples: Examples, config: TrainConfig,
             loss = model(**batch).loss
             loss.backward()
             optimizer.step()
-            step += 1
             if after_step is not None:
                 after_step(step)
+            step += 1
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             tokens += int(batch["attention_mask"].sum())

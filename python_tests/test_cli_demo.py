@@ -1,0 +1,38 @@
+"""`slora demo --quick`: the embedded default end to end, offline, in well under 2 minutes."""
+import json
+import resource
+
+import pytest
+
+from cli_helpers import slora
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_quick_compares_at_equal_parameters(tmp_path):
+    out = tmp_path / "demo"
+    def child_cpu():
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    before = child_cpu()
+    result = slora("demo", "--quick", "--quiet", "--out", out)
+    cpu = child_cpu() - before
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "demo.json").read_text())
+    uniform, sensitivity = summary["runs"]
+    assert (uniform["method"], sensitivity["method"]) == ("uniform", "sensitivity")
+    assert set(uniform["ranks"].values()) == {4} and len(sensitivity["ranks"]) == 36
+    # equal trainable LoRA parameters: the allocation may leave less than one rank's cost unspent
+    assert uniform["lora_params"] - (384 + 1536) < sensitivity["lora_params"] <= uniform["lora_params"]
+    assert sensitivity["calib_seconds"] > 0 and uniform["calib_seconds"] == 0
+    for run in summary["runs"]:
+        assert 0.0 <= run["metrics"]["accuracy"] <= 1.0 and run["steps"] == 4 and run["fused"]
+    for name in ("ranks.png", "sensitivity.json", "uniform/adapter/adapter_config.json",
+                 "sensitivity/adapter/adapter_model.safetensors"):
+        assert (out / name).exists(), name
+    lines = result.stdout.splitlines()
+    table = lines[lines.index(next(line for line in lines if line.startswith("method"))):]
+    assert table[2].startswith("uniform") and table[3].startswith("sensitivity") and "%" in table[2]
+    # "under 2 minutes on 2 cores", as CPU time: wall time on a shared CI machine measures the neighbours
+    assert cpu < 2 * 120, f"demo --quick used {cpu:.0f} CPU seconds"

@@ -1,0 +1,88 @@
+"""`slora analyze` and `slora train` end to end on a tiny slice (a few dozen snippets, one step)."""
+import json
+
+import pytest
+import torch
+
+from cli_helpers import slora, tiny_csv
+
+pytestmark = pytest.mark.slow
+COMMON = ("--max-samples", 32, "--max-eval", 16, "--calib-samples", 16, "--batch-size", 16, "--max-length", 32,
+          "--quiet")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_csv(tmp_path_factory.mktemp("data") / "tiny.csv", n=48)
+
+
+@pytest.fixture(scope="module")
+def analyzed(tmp_path_factory, data):
+    out = tmp_path_factory.mktemp("analyze") / "out"
+    result = slora("analyze", "--data", data, "--avg-rank", 4, "--out", out, *COMMON)
+    assert result.returncode == 0, result.stderr
+    return out, result.stdout
+
+
+def test_analyze_writes_report_stock_config_and_plot(analyzed):
+    from peft import LoraConfig
+
+    out, stdout = analyzed
+    config = LoraConfig.from_pretrained(str(out))
+    report = json.loads((out / "sensitivity.json").read_text())
+    names = [m["name"] for m in report["matrices"]]
+    assert len(names) == 36 and sorted(config.target_modules) == sorted(names)
+    ranks = {n: r for n in names for key, r in config.rank_pattern.items() if key.strip("^$").replace("\\", "") == n}
+    assert len(ranks) == 36 and all(r >= 1 for r in ranks.values())
+    shapes = {m["name"]: m["shape"] for m in report["matrices"]}
+    spent = sum(r * sum(shapes[n]) for n, r in ranks.items())
+    uniform = sum(4 * sum(s) for s in shapes.values())
+    assert uniform - 1536 - 384 < spent <= uniform  # equal trainable parameters, within one rank
+    assert (out / "ranks.png").read_bytes()[:4] == b"\x89PNG"
+    assert "bert.encoder.layer.5.output.dense" in stdout and "query" in stdout
+
+
+def test_train_from_report_saves_a_stock_peft_adapter(tmp_path, data, analyzed):
+    from peft import PeftModel
+
+    from slora_kernels.defaults import load_minilm_classifier
+
+    out = tmp_path / "run"
+    result = slora("train", "--data", data, "--ranks", analyzed[0] / "sensitivity.json", "--max-steps", 1,
+                   "--out", out, *COMMON)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "sensitivity" and metrics["steps"] == 1 and metrics["tokens"] > 16
+    assert 0.0 <= metrics["metrics"]["accuracy"] <= 1.0 and len(metrics["ranks"]) == 36
+    assert metrics["fused"] is True
+    base, _ = load_minilm_classifier(2)
+    model = PeftModel.from_pretrained(base, str(out / "adapter"))
+    loaded = {n: m.r["default"] for n, m in model.base_model.model.named_modules() if hasattr(m, "r") and m.r}
+    assert loaded == metrics["ranks"]
+    assert "accuracy" in result.stdout and "Wrote" in result.stdout
+
+
+@pytest.mark.parametrize("ranks", ["uniform", "adalora"])
+def test_train_uniform_and_adalora(tmp_path, data, ranks):
+    out = tmp_path / ranks
+    result = slora("train", "--data", data, "--ranks", ranks, "--max-steps", 1, "--out", out, *COMMON)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == ranks and metrics["steps"] == 1
+    per_rank = 4 * (384 + 384) + 2 * (384 + 1536)  # one rank on q, k, v, attn-out, intermediate, output
+    expected = {"uniform": 4 * 6 * per_rank, "adalora": 6 * 6 * per_rank + 6 * 36}  # AdaLoRA: init 6, plus lora_E
+    assert metrics["lora_params"] == expected[ranks]
+    assert (out / "adapter" / "adapter_config.json").exists()
+
+
+def test_train_causal_lm_on_jsonl(tmp_path):
+    lines = [json.dumps({"text": f"The film number {i} was a quiet, warm comedy about trains."}) for i in range(12)]
+    (tmp_path / "lm.jsonl").write_text("\n".join(lines))
+    out = tmp_path / "lm"
+    result = slora("train", "--model", "smollm2", "--data", tmp_path / "lm.jsonl", "--ranks", "uniform",
+                   "--avg-rank", 2, "--max-steps", 1, "--batch-size", 4, "--max-length", 16, "--quiet", "--out", out)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "causal-lm" and metrics["steps"] == 1
+    assert torch.isfinite(torch.tensor(metrics["metrics"]["loss"])) and metrics["metrics"]["perplexity"] > 1
+    assert len(metrics["ranks"]) == 30 * 7
