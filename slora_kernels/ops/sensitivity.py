@@ -61,10 +61,12 @@ def activation_sq_accumulate(acc: torch.Tensor, x: torch.Tensor, mask: torch.Ten
         activation_sq(acc, rows, None if flat_mask is None else (flat_mask != 0).to(torch.int8).contiguous())
         return acc
     if flat_mask is not None:
-        rows = rows.index_select(0, flat_mask.nonzero().squeeze(1))  # faster than boolean indexing
-    rows = rows.float()
-    acc += (rows * rows).sum(0)  # several times faster than einsum or vector_norm on CPU
-    return acc
+        rows = rows.index_select(0, flat_mask.nonzero().squeeze(1))  # a copy: padding is never read again
+    fresh = flat_mask is not None or rows.dtype != torch.float32  # rows is our own copy: square it in place
+    squares = rows.float().square_() if fresh else rows.square()
+    # the column sums as a BLAS matrix-vector product: several times faster than .sum(0), einsum or
+    # vector_norm when the cores are shared (element-wise reductions suffer most from OpenMP contention)
+    return acc.addmv_(squares.t(), squares.new_ones(squares.shape[0]))
 
 
 def fisher_diag_accumulate(acc: torch.Tensor, x: torch.Tensor, g: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
