@@ -93,6 +93,8 @@ def _round(cont: dict[str, float], cost: dict[str, float], budget: int, hi: dict
 
 
 def _pra_weights(theta: dict[str, float], tiers: int, average: float, step: float) -> dict[str, float]:
+    """Tier targets: sorted by theta (ties by name), tiers as equal as possible, ranks stepping down by
+    `step` around `average`; scaled to the exact budget afterwards like SRA's weights."""
     order = sorted(theta, key=lambda n: (-theta[n], n))
     size, extra = divmod(len(order), tiers)
     weights, start = {}, 0
