@@ -43,7 +43,8 @@ def test_missing_data_file(tmp_path):
 @pytest.mark.slow
 def test_model_not_loadable_offline_says_how_to_provide_it(cli, tmp_path, data):
     # a subprocess: HF_HUB_OFFLINE must be set before huggingface_hub is imported
-    line = one_line_error(slora("train", "--model", "no-such-org/no-such-model", "--data", data, "--out", tmp_path / "o"))
+    line = one_line_error(slora("train", "--model", "no-such-org/no-such-model", "--data", data,
+                                "--out", tmp_path / "o"))
     assert "cannot load model 'no-such-org/no-such-model'" in line
     assert "pass a local folder with config.json, weights and tokenizer" in line and "minilm, smollm2" in line
     line = one_line_error(cli("analyze", "--model", tmp_path / "missing", "--data", data, "--out", tmp_path / "o"))

@@ -29,7 +29,8 @@ def _common(parser: argparse.ArgumentParser, avg_rank: int) -> None:
     add("--data", default=EMBEDDED_DATA,
         help=f"CSV/TSV/JSONL file, Hugging Face dataset name, or {EMBEDDED_DATA} (embedded, the default)")
     add("--text-column", default="text")
-    add("--label-column", default="label", help="class labels; without it (or --task causal-lm) the data is for causal LM")
+    add("--label-column", default="label",
+        help="class labels; without it (or with --task causal-lm) the data is for causal LM")
     add("--task", choices=("auto", "seq-cls", "causal-lm"), default="auto",
         help="auto: classification when the label column exists, else causal LM")
     add("--eval-data", help="held-out file (default: the dataset's test split, or --eval-fraction of the rows)")
@@ -56,7 +57,8 @@ def _flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slora", description="Sensitivity-LoRA: sensitivity-based LoRA rank allocation.")
+    parser = argparse.ArgumentParser(prog="slora",
+                                     description="Sensitivity-LoRA: sensitivity-based LoRA rank allocation.")
     parser.add_argument("--version", action="version", version=f"slora_kernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{analyze,train,demo}")
     analyze = sub.add_parser("analyze", help="measure sensitivity; write the report, a LoraConfig and a rank plot")
