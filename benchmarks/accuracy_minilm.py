@@ -62,7 +62,8 @@ def table(rows: list[dict], methods: list[str], seeds: list[int]) -> str:
             continue
         acc = [100 * r["metrics"]["accuracy"] for r in done]
         mean = lambda key: statistics.fmean(r[key] for r in done)  # noqa: E731
-        lines.append(f"| {name} | {len(done)} | {statistics.fmean(acc):.2f} | {statistics.pstdev(acc):.2f} | "
+        std = f"{statistics.pstdev(acc):.2f}" if len(acc) > 1 else "- (1 run)"
+        lines.append(f"| {name} | {len(done)} | {statistics.fmean(acc):.2f} | {std} | "
                      f"{round(mean('lora_params')):,} | {mean('calib_seconds'):.1f} | {mean('train_seconds'):.0f} |")
     per_seed = ["", "Per seed (accuracy %): " + "; ".join(
         f"{r['name']} s{r['seed']} {100 * r['metrics']['accuracy']:.1f}{'' if r['fused'] else ' (stock PEFT layers)'}"
