@@ -27,6 +27,11 @@ def _check_device(name: str, value: torch.Tensor, acc: torch.Tensor) -> None:
         raise ValueError(f"{name} is on {value.device}, expected the device of acc ({acc.device})")
 
 
+def _triton_path(acc: torch.Tensor) -> bool:
+    """CUDA tensors take the Triton kernels (the GPU suite's dry run routes CPU tensors there too)."""
+    return acc.is_cuda
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as [rows, last] with unit column stride (a view when the layout allows)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -55,7 +60,7 @@ def activation_sq_accumulate(acc: torch.Tensor, x: torch.Tensor, mask: torch.Ten
         flat_mask = mask.reshape(-1)
     if rows.shape[0] == 0:
         return acc
-    if acc.is_cuda:
+    if _triton_path(acc):
         from slora_kernels.triton.sensitivity_kernels import activation_sq
 
         activation_sq(acc, rows, None if flat_mask is None else (flat_mask != 0).to(torch.int8).contiguous())
@@ -95,7 +100,7 @@ def fisher_diag_accumulate(acc: torch.Tensor, x: torch.Tensor, g: torch.Tensor, 
     _check_device("g", g, acc)
     if x.shape[0] * x.shape[1] == 0:
         return acc
-    if acc.is_cuda:
+    if _triton_path(acc):
         from slora_kernels.triton.sensitivity_kernels import fisher_sample, fisher_token
 
         if per_sample:
