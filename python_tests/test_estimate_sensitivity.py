@@ -268,3 +268,15 @@ def test_json_round_trip_and_table(tmp_path):
     table = str(report)
     assert "estimator=fisher" in table and all(n in table for n in NAMES)
     assert len(table.splitlines()) == 3 + len(NAMES)
+
+
+def test_batch_encoding_from_a_collator_is_accepted():
+    """Data collators yield transformers.BatchEncoding (a Mapping, not a dict): it must work as-is."""
+    from transformers import BatchEncoding
+
+    model, batches = Toy(), toy_batches()
+    plain = estimate_sensitivity(model, batches, target_modules=TARGETS, progress=False)
+    wrapped = estimate_sensitivity(model, [BatchEncoding(dict(b)) for b in batches], target_modules=TARGETS,
+                                   progress=False)
+    assert len(plain.matrices) > 0
+    assert [m.metrics for m in wrapped.matrices] == [m.metrics for m in plain.matrices]

@@ -1,7 +1,7 @@
 """estimate_sensitivity: run calibration batches through a model and report per-matrix sensitivity."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -52,7 +52,7 @@ def _run(model: nn.Module, collector: Collector, batches: Iterable[dict], max_ba
         for index, batch in enumerate(tqdm(batches, total=total, disable=not progress, desc="sensitivity")):
             if max_batches is not None and index >= max_batches:
                 break
-            if not isinstance(batch, dict):
+            if not isinstance(batch, Mapping):  # dicts, and transformers' BatchEncoding from collators
                 raise TypeError(f"batches must yield dicts of model inputs, got {type(batch).__name__} at batch {index}")
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             collector.run_batch(model, batch, batch.get("attention_mask"), _batch_size(batch))
@@ -63,7 +63,7 @@ def _run(model: nn.Module, collector: Collector, batches: Iterable[dict], max_ba
         model.train(was_training)
 
 
-def estimate_sensitivity(model: nn.Module, batches: Iterable[dict], *, target_modules: str | Sequence[str],
+def estimate_sensitivity(model: nn.Module, batches: Iterable[Mapping], *, target_modules: str | Sequence[str],
                          estimator: Estimator = "activation", diag_layout: Layout = "parameter",
                          max_batches: int | None = None, progress: bool = True, per_sample: bool = False,
                          probes: int = 8, seed: int = 0, topk_fraction: float = 0.5, alpha: float = 0.85,
