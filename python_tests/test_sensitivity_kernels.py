@@ -22,7 +22,7 @@ def ref_fisher(acc, x, g, per_sample):
     return acc.double() + g64.reshape(-1, g.shape[-1]).square().T @ x64.reshape(-1, x.shape[-1]).square()
 
 
-def close(got, want):
+def assert_matches(got, want):
     assert not torch.isnan(got).any()
     torch.testing.assert_close(got.double(), want, rtol=RTOL, atol=1e-6 * want.abs().max().item())
 
@@ -40,7 +40,7 @@ def test_triton_activation_sq(dtype, n, d, splits, masked, seeded):
     acc = torch.rand(d, generator=seeded)
     want = ref_activation(acc, x, mask)
     kernels.activation_sq(acc, x, mask, block_rows=16, block_cols=32, splits=splits)
-    close(acc, want)
+    assert_matches(acc, want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -55,7 +55,7 @@ def test_triton_fisher(dtype, b, t, d_in, d_out, per_sample, seeded):
         kernels.fisher_sample(acc, x, g, **blocks)
     else:
         kernels.fisher_token(acc, x.reshape(-1, d_in), g.reshape(-1, d_out), **blocks)
-    close(acc, want)
+    assert_matches(acc, want)
 
 
 def test_triton_fisher_sample_strided_inputs(seeded):
@@ -64,7 +64,7 @@ def test_triton_fisher_sample_strided_inputs(seeded):
     x, g = wide[..., 3:30], rand((2, 9, 17), torch.float32, seeded)
     acc = torch.zeros(17, 27)
     kernels.fisher_sample(acc, x, g, block_o=16, block_i=16, block_t=16)
-    close(acc, ref_fisher(torch.zeros(17, 27), x, g, True))
+    assert_matches(acc, ref_fisher(torch.zeros(17, 27), x, g, True))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -76,7 +76,7 @@ def test_cpu_activation(dtype, shape, masked, seeded):
     acc = torch.rand(shape[-1], generator=seeded)
     want = ref_activation(acc, x, mask)
     assert activation_sq_accumulate(acc, x, mask) is acc
-    close(acc, want)
+    assert_matches(acc, want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -89,16 +89,16 @@ def test_cpu_fisher(dtype, per_sample, seeded, monkeypatch):
     acc = torch.rand(31, 23, generator=seeded)
     want = ref_fisher(acc, x, g, per_sample)
     assert fisher_diag_accumulate(acc, x, g, per_sample=per_sample) is acc
-    close(acc, want)
+    assert_matches(acc, want)
 
 
 def test_cpu_non_contiguous_inputs(seeded):
     x = rand((6, 4, 10), torch.float32, seeded).transpose(0, 1)  # [4, 6, 10], not contiguous
     acc = torch.zeros(10)
-    close(activation_sq_accumulate(acc, x), ref_activation(torch.zeros(10), x, None))
+    assert_matches(activation_sq_accumulate(acc, x), ref_activation(torch.zeros(10), x, None))
     g = rand((4, 6, 8), torch.float32, seeded)
     acc = torch.zeros(8, 10)
-    close(fisher_diag_accumulate(acc, x, g), ref_fisher(torch.zeros(8, 10), x, g, False))
+    assert_matches(fisher_diag_accumulate(acc, x, g), ref_fisher(torch.zeros(8, 10), x, g, False))
 
 
 def test_empty_inputs_leave_acc_unchanged():
@@ -134,7 +134,7 @@ def test_cuda_dispatch_matches_reference(dtype, seeded):
     mask = (torch.rand(4, 33, generator=seeded) > 0.3).cuda()
     acc = torch.rand(96, generator=seeded).cuda()
     want = ref_activation(acc.cpu(), x.cpu(), mask.cpu())
-    close(activation_sq_accumulate(acc, x, mask).cpu(), want)
+    assert_matches(activation_sq_accumulate(acc, x, mask).cpu(), want)
     for per_sample in (False, True):
         acc = torch.rand(80, 96, generator=seeded).cuda()
         want = ref_fisher(acc.cpu(), x.cpu(), g.cpu(), per_sample)
