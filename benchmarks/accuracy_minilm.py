@@ -2,9 +2,9 @@
 
 Fixed 1,000-snippet test split, 4,000 training snippets, 2 epochs, batch 32, lr 5e-4, all 36
 linear layers of the encoder, average rank 4 (Sensitivity-LoRA at the same trainable LoRA
-parameters as uniform rank 4; AdaLoRA 6 -> 4 in rank units). Each finished run is appended to a
-JSONL file, and a restart skips the (method, seed) pairs already there, so the ~40 minutes of
-2-core CPU can be spread over several sittings.
+parameters as uniform rank 4; AdaLoRA 6 -> 4 in rank units; the head alone as the floor). Each
+finished run is appended to a JSONL file, and a restart skips the (method, seed) pairs already
+there, so the ~45 minutes of 2-core CPU can be spread over several sittings.
 
     python benchmarks/accuracy_minilm.py                      # run what is missing, then print the table
     python benchmarks/accuracy_minilm.py --table-only         # print the table of what has finished
@@ -18,14 +18,15 @@ from pathlib import Path
 
 from slora_kernels.data import Dataset, load_dataset
 from slora_kernels.models import linear_targets, load_model
-from slora_kernels.runs import run
-from slora_kernels.training import TrainConfig
+from slora_kernels.runs import RunResult, run
+from slora_kernels.training import TrainConfig, evaluate, train
 
 METHODS = {  # name -> (rank choice, estimator)
     "uniform": ("uniform", "activation"),
     "sensitivity-activation": ("sensitivity", "activation"),
     "sensitivity-fisher": ("sensitivity", "fisher"),
     "adalora": ("adalora", "activation"),
+    "head-only": (None, None),  # the floor: only the classification head trains, no adapter
 }
 JSONL = Path(__file__).with_name("accuracy_minilm.jsonl")
 
@@ -43,15 +44,27 @@ def one_run(name: str, seed: int, args: argparse.Namespace) -> dict:
     model, tokenizer = load_model("minilm", "seq-cls", num_labels=2, seed=seed)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
                          seed=seed, progress=args.progress)
+    if method is None:
+        return {"name": name, "seed": seed, **head_only(model, tokenizer, dataset, config).to_dict()}
     _, result = run(model, tokenizer, dataset, method=method, avg_rank=args.avg_rank, targets=linear_targets(model),
                     config=config, task="seq-cls", estimator=estimator, calib_samples=args.calib_samples,
                     fused=not args.no_fuse)
     return {"name": name, "seed": seed, **result.to_dict()}
 
 
+def head_only(model, tokenizer, dataset: Dataset, config: TrainConfig) -> RunResult:
+    """Train the classification head alone: what any adapter has to beat."""
+    for name, param in model.named_parameters():
+        param.requires_grad = name.startswith("classifier.")
+    stats = train(model, tokenizer, dataset.train, config)
+    scores = evaluate(model, tokenizer, dataset.eval, max_length=config.max_length, progress=config.progress)
+    return RunResult("head-only", scores, 0, 0.0, stats.seconds, stats.steps, stats.tokens, fused=False)
+
+
 def table(rows: list[dict], methods: list[str], seeds: list[int]) -> str:
-    """Markdown: mean and population std over seeds; the missing (method, seed) pairs are named."""
-    lines = ["| method | runs | accuracy mean | accuracy std | trainable LoRA params | calibration s | training s |",
+    """Markdown: accuracy mean and population std over seeds, median seconds (robust to a run on a
+    loaded machine); the missing (method, seed) pairs are named."""
+    lines = ["| method | runs | accuracy mean | accuracy std | trainable LoRA params | calibration s (median) | training s (median) |",
              "|---|---|---|---|---|---|---|"]
     missing = []
     for name in methods:
@@ -61,12 +74,12 @@ def table(rows: list[dict], methods: list[str], seeds: list[int]) -> str:
             lines.append(f"| {name} | 0 | - | - | - | - | - |")
             continue
         acc = [100 * r["metrics"]["accuracy"] for r in done]
-        mean = lambda key: statistics.fmean(r[key] for r in done)  # noqa: E731
+        median = lambda key: statistics.median(r[key] for r in done)  # noqa: E731
         std = f"{statistics.pstdev(acc):.2f}" if len(acc) > 1 else "- (1 run)"
         lines.append(f"| {name} | {len(done)} | {statistics.fmean(acc):.2f} | {std} | "
-                     f"{round(mean('lora_params')):,} | {mean('calib_seconds'):.1f} | {mean('train_seconds'):.0f} |")
+                     f"{round(median('lora_params')):,} | {median('calib_seconds'):.1f} | {median('train_seconds'):.0f} |")
     per_seed = ["", "Per seed (accuracy %): " + "; ".join(
-        f"{r['name']} s{r['seed']} {100 * r['metrics']['accuracy']:.1f}{'' if r['fused'] else ' (stock PEFT layers)'}"
+        f"{r['name']} s{r['seed']} {100 * r['metrics']['accuracy']:.1f}{' (stock PEFT layers)' if r['name'] == 'adalora' else ''}"
         for r in sorted(rows, key=lambda r: (methods.index(r["name"]) if r["name"] in methods else 99, r["seed"])))]
     return "\n".join(lines + per_seed + ([f"\nMissing runs: {', '.join(missing)}."] if missing else []))
 
