@@ -30,7 +30,7 @@ def _extensions():
     use_cuda = mode == "cuda" or (mode == "auto" and cuda_possible)
 
     cxx_flags = ["-O3", "-fopenmp"]
-    sources = ["csrc/slora_ops.cpp"]
+    sources = ["csrc/slora_ops.cpp", "csrc/dropout.cpp"]
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         ext = CUDAExtension(

@@ -4,6 +4,7 @@ import random
 import pytest
 import torch
 
+from slora_kernels import _hash_dropout as hash_dropout
 from slora_kernels.ops import grouped_lora
 
 
@@ -35,9 +36,8 @@ def reference(x, weights, biases, lora_a, lora_b, scales, keep=None):
 
 
 def seeded_keep(x, p, seed):
-    """The documented mask: a generator on x's device seeded with `seed`, bernoulli(1 - p), over 1 - p."""
-    generator = torch.Generator(device=x.device).manual_seed(seed)
-    return torch.empty_like(x).bernoulli_(1.0 - p, generator=generator) / (1.0 - p)
+    """The documented CPU mask over 1 - p: the counter-based dropout of `seed` (plain-torch definition)."""
+    return hash_dropout.dropout(torch.ones_like(x), p, seed)
 
 
 @pytest.mark.parametrize("case", range(12))

@@ -1,7 +1,7 @@
 """Loads the compiled `slora_kernels._C` extension, or registers a PyTorch fallback of its ops.
 
-Either way `torch.ops.slora.pack` / `torch.ops.slora.unpack` exist after import, with the same
-schemas, so every caller (autograd, fake kernels, torch.compile) is written once against them.
+Either way `torch.ops.slora.pack` / `unpack` / `dropout` exist after import, with the same
+schemas and results, so every caller (autograd, fake kernels, torch.compile) is written once against them.
 SLORA_DISABLE_EXTENSION=1 forces the fallback (to test it, or to rule the extension out).
 """
 from __future__ import annotations
@@ -10,6 +10,8 @@ import os
 import warnings
 
 import torch
+
+from slora_kernels import _hash_dropout
 
 HAS_EXTENSION: bool
 WITH_CUDA: bool
@@ -26,7 +28,7 @@ except ImportError as error:
     WITH_CUDA = False
     warnings.warn(
         f"slora_kernels: compiled extension not available ({error}); using the PyTorch fallback for "
-        "pack/unpack. Reinstall with `pip install --no-build-isolation -e .` to build it.",
+        "pack/unpack/dropout (slower). Reinstall with `pip install --no-build-isolation -e .` to build it.",
         RuntimeWarning,
         stacklevel=2,
     )
@@ -34,6 +36,7 @@ except ImportError as error:
     _fallback_library = torch.library.Library("slora", "DEF")
     _fallback_library.define("pack(Tensor[] tensors, Tensor offsets, SymInt total_rows) -> Tensor")
     _fallback_library.define("unpack(Tensor buffer, Tensor offsets, SymInt[] rows) -> Tensor[]")
+    _fallback_library.define("dropout(Tensor x, float p, int seed) -> Tensor")
 
     def _pack_torch(tensors, offsets, total_rows):
         buffer = tensors[0].new_zeros((total_rows, tensors[0].shape[1]))
@@ -46,3 +49,4 @@ except ImportError as error:
 
     _fallback_library.impl("pack", _pack_torch, "CompositeExplicitAutograd")
     _fallback_library.impl("unpack", _unpack_torch, "CompositeExplicitAutograd")
+    _fallback_library.impl("dropout", _hash_dropout.dropout, "CompositeExplicitAutograd")

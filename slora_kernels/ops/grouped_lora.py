@@ -10,9 +10,10 @@ Devices: CPU tensors take plain torch (per-layer `addmm_` into the output for th
 tensors take the segmented Triton kernels of `slora_kernels.triton.lora_kernels`.
 
 Backward (DESIGN.md): dB_i = s_i dY_i^T S_i, dS_i = s_i dY_i B_i, dA_cat = dS^T drop(x) (one GEMM),
-dx = dY W_cat + mask/(1-p) * (dS A_cat). S is saved; drop(x) is not: the dropout mask is drawn
-from a `torch.Generator` seeded with `seed` on x's device (CPU generator on CPU, Philox CUDA
-generator on GPU) and drawn again, bit for bit, in the backward.
+dx = dY W_cat + drop(dS A_cat). S is saved; drop(x) is not: the mask is a function of `seed` and
+is drawn again, bit for bit, in the backward. On CPU it comes from the extension's counter-based
+`slora::dropout` (each element's bit a hash of (seed, index): parallel, ~8x faster than torch's
+serial CPU Bernoulli); on CUDA from a Philox `torch.Generator` seeded with `seed`.
 
 Both halves are `torch.library.custom_op`s with fake kernels and registered autograd, so
 torch.compile traces a module that calls `grouped_lora` without graph breaks (when `seed` is
@@ -156,13 +157,14 @@ def _pack_a(lora_a: list[torch.Tensor]) -> torch.Tensor:
     return torch.ops.slora.pack(lora_a, offsets, sum(a.shape[0] for a in lora_a))
 
 
-def _dropout_scale(x: torch.Tensor, p: float, seed: int) -> torch.Tensor | None:
-    """mask / (1 - p) drawn from a generator seeded with `seed` (identical on every call), None if p == 0."""
+def _dropout(t: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """t * mask / (1 - p), the mask a function of (seed, t's shape, device): the same on every call."""
     if p == 0.0:
-        return None
-    generator = torch.Generator(device=x.device).manual_seed(seed)
-    keep = torch.empty_like(x).bernoulli_(1.0 - p, generator=generator)
-    return keep.mul_(1.0 / (1.0 - p))
+        return t
+    if not t.is_cuda:
+        return torch.ops.slora.dropout(t, p, seed)
+    generator = torch.Generator(device=t.device).manual_seed(seed)
+    return t * torch.empty_like(t).bernoulli_(1.0 - p, generator=generator).mul_(1.0 / (1.0 - p))
 
 
 def _ranks_and_outs(lora_b: list[torch.Tensor]) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -189,8 +191,7 @@ def _flat_b(lora_b: list[torch.Tensor]) -> torch.Tensor:
 def _grouped_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: list[torch.Tensor],
                      lora_b: list[torch.Tensor], scales: list[float], dropout_p: float,
                      seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    keep = _dropout_scale(x, dropout_p, seed)
-    s = torch.mm(x if keep is None else x * keep, _pack_a(lora_a).t())
+    s = torch.mm(_dropout(x, dropout_p, seed), _pack_a(lora_a).t())
     y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
     if _triton_path(x):
         from slora_kernels.triton.lora_kernels import lora_expand_
@@ -231,13 +232,9 @@ def _grouped_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
             grad_b.append(torch.mm(dy_i.t(), s_i).mul_(scale))
             col += b.shape[0]
         ds = ds_parts[0] if len(ds_parts) == 1 else torch.cat(ds_parts, dim=1)
-    keep = _dropout_scale(x, dropout_p, seed)
-    grad_a = torch.mm(ds.t(), x if keep is None else x * keep)
+    grad_a = torch.mm(ds.t(), _dropout(x, dropout_p, seed))
     if need_x:
-        grad_x = torch.mm(ds, _pack_a(lora_a))
-        if keep is not None:
-            grad_x.mul_(keep)
-        grad_x.addmm_(grad_y, weight)
+        grad_x = _dropout(torch.mm(ds, _pack_a(lora_a)), dropout_p, seed).addmm_(grad_y, weight)
     else:
         grad_x = x.new_empty(0)
     grad_weight = torch.mm(grad_y.t(), x) if need_weight else x.new_empty(0)
