@@ -36,7 +36,11 @@ def reference(x, weights, biases, lora_a, lora_b, scales, keep=None):
 
 
 def seeded_keep(x, p, seed):
-    """The documented CPU mask over 1 - p: the counter-based dropout of `seed` (plain-torch definition)."""
+    """The documented mask over 1 - p: counter-based on CPU (its plain-torch definition), a Philox
+    generator seeded with `seed` on CUDA."""
+    if x.is_cuda:
+        generator = torch.Generator(device=x.device).manual_seed(seed)
+        return torch.empty_like(x).bernoulli_(1.0 - p, generator=generator) / (1.0 - p)
     return hash_dropout.dropout(torch.ones_like(x), p, seed)
 
 
@@ -146,11 +150,13 @@ def test_torch_compile_fullgraph_matches_eager():
         torch.testing.assert_close(g, e)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("stacked", [False, True])
+def test_opcheck(stacked):
+    """The op takes the base weights one per layer or as one [sum d_out, d_in] stack."""
     x, weights, biases, lora_a, lora_b, scales = random_group(random.Random(3), max_groups=3, max_rank=6)
     bias = torch.cat([torch.zeros(w.shape[0], dtype=w.dtype) if b is None else b for w, b in zip(weights, biases)])
     x2 = x.reshape(-1, x.shape[-1]).requires_grad_(True)
-    args = (x2, torch.cat(weights), bias, [a.requires_grad_(True) for a in lora_a],
+    args = (x2, [torch.cat(weights)] if stacked else weights, bias, [a.requires_grad_(True) for a in lora_a],
             [b.requires_grad_(True) for b in lora_b], scales, 0.2, 5)
     torch.library.opcheck(torch.ops.slora.grouped_lora_forward, args)
 

@@ -3,6 +3,7 @@
 Random groups: G 1..7, ranks 1..70, odd d_in / d_out / token counts. The interpreter is slow, so
 shapes stay small; the same tests run on the GPU where there is one.
 """
+import copy
 import random
 import sys
 
@@ -12,6 +13,8 @@ import torch
 from slora_kernels.ops import grouped_lora
 from slora_kernels.triton.lora_kernels import BLOCK_R, lora_expand_, lora_grad_b, lora_grad_s, segment_layout
 
+from slora_kernels import unfuse
+from test_fuse_ddp import batch, tiny_fused_bert
 from test_grouped_lora import random_group, reference, seeded_keep
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -96,3 +99,29 @@ def test_op_on_triton_path_forward_and_all_gradients(triton_path, case):
     cotangents = [torch.randn_like(y) for y in ys]
     for got, want in zip(torch.autograd.grad(ys, leaves, cotangents), torch.autograd.grad(refs, leaves, cotangents)):
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+
+
+def test_fused_model_on_triton_path_matches_stock_peft_and_sees_weight_changes(triton_path):
+    """The fused modules' Triton-path route: base weights stacked once into W_cat (cached), PEFT's
+    logits and LoRA gradients, and a cache that follows an in-place change of a frozen weight."""
+    fused = tiny_fused_bert().to(DEVICE)
+    stock = unfuse(copy.deepcopy(fused))
+    ids, labels = batch()
+    inputs = {"input_ids": ids.to(DEVICE), "labels": labels.to(DEVICE)}
+
+    def logits_and_grads(model):
+        model.zero_grad()
+        out = model(**inputs)
+        out.loss.backward()
+        return out.logits, {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+
+    for _ in range(2):  # the second step runs on the cached W_cat
+        (got, got_grads), (want, want_grads) = logits_and_grads(fused), logits_and_grads(stock)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert got_grads.keys() == want_grads.keys()
+        for name in want_grads:
+            torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        for model in (fused, stock):
+            model.get_submodule("base_model.model.bert.encoder.layer.0.attention.self.key.base_layer").weight.mul_(-2.0)
+    torch.testing.assert_close(logits_and_grads(fused)[0], logits_and_grads(stock)[0], rtol=1e-5, atol=1e-6)

@@ -14,7 +14,7 @@ import torch
 from peft.tuners import lora
 from torch import nn
 
-from slora_kernels.ops.grouped_lora import grouped_lora_stacked, stack_biases
+from slora_kernels.ops.grouped_lora import grouped_lora_unchecked, stack_biases, stacks_outputs
 
 
 class LoraGroup:
@@ -26,7 +26,7 @@ class LoraGroup:
         self._pending_key: tuple | None = None
         self._pending_input: torch.Tensor | None = None
         self._stacked_key: tuple | None = None
-        self._stacked: tuple[torch.Tensor, torch.Tensor | None] = (None, None)
+        self._stacked: tuple[list[torch.Tensor], torch.Tensor | None] = ([], None)
 
     def invalidate(self) -> None:
         """Forget cached outputs and the stacked base weight (called when base weights change in place)."""
@@ -45,9 +45,9 @@ class LoraGroup:
             return None
         members = [m for m in self.members if m is layer or m.fused_state(x) == own]
         adapter, dropout_p = own
-        weight, bias = self._stacked_base(members)
-        outputs = grouped_lora_stacked(
-            x, weight, bias, [m.lora_A[adapter].weight for m in members], [m.lora_B[adapter].weight for m in members],
+        weights, bias = self._base(members)
+        outputs = grouped_lora_unchecked(
+            x, weights, bias, [m.lora_A[adapter].weight for m in members], [m.lora_B[adapter].weight for m in members],
             [m.scaling[adapter] for m in members], dropout_p=dropout_p)
         self._pending = {id(m): y for m, y in zip(members, outputs) if m is not layer}
         # Keep x alive while outputs are pending, so its id cannot be reused by another tensor.
@@ -55,19 +55,22 @@ class LoraGroup:
         self._pending_input = x if self._pending else None
         return outputs[members.index(layer)]
 
-    def _stacked_base(self, members: list[FusedLoraLinear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[sum d_out, d_in] weight and bias of these members; cached while frozen and unchanged."""
+    def _base(self, members: list[FusedLoraLinear]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The members' base weights (one per layer, or [W_cat] where the op stacks: CUDA) and stacked bias.
+
+        CUDA's one base GEMM needs W_cat [sum d_out, d_in]: a copy of the frozen weights, cached
+        while they are unchanged (a second copy of those weights in memory). CPU computes a GEMM
+        per layer and takes the weights as they are, without a copy.
+        """
         weights = [m.base_layer.weight for m in members]
         biases = [m.base_layer.bias for m in members]
-        if len(members) == 1:
-            return weights[0], biases[0]
         params = [p for p in weights + biases if p is not None]
-        if any(p.requires_grad for p in params):
-            return torch.cat(weights), stack_biases(weights, biases)
+        if len(members) == 1 or not stacks_outputs(weights[0]) or any(p.requires_grad for p in params):
+            return weights, stack_biases(weights, biases)
         key = tuple((id(p), p.data_ptr(), p._version) for p in params)
         if key != self._stacked_key:
             with torch.no_grad():
-                self._stacked = (torch.cat(weights), stack_biases(weights, biases))
+                self._stacked = ([torch.cat(weights)], stack_biases(weights, biases))
             self._stacked_key = key
         return self._stacked
 

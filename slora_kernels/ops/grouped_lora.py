@@ -1,16 +1,18 @@
 """grouped_lora: G linear layers that share one input, each with a LoRA adapter of its own rank.
 
 Output i = x W_i^T + b_i + scales[i] * drop(x) A_i^T B_i^T, which is what PEFT's LoRA Linear
-computes, but for the whole group at once: the base outputs come from one GEMM over the stacked
-W (layers side by side in one [N, sum d_out] buffer, returned as column views), the shrink
-S = drop(x) A_cat^T is one GEMM over the packed A, and only the expand is per layer. That is what
-saves time over PEFT's per-module path, on CPU as on GPU.
+computes, but for the whole group at once: one dropout mask, the shrink S = drop(x) A_cat^T as
+one GEMM over the packed A, and the expand added straight into each base output (no temporaries
+for the LoRA branch, no per-layer mask). That is what saves time over PEFT's per-module path.
 
-Devices: CPU tensors take plain torch (per-layer `addmm_` into the output for the expand); CUDA
-tensors take the segmented Triton kernels of `slora_kernels.triton.lora_kernels`.
+Devices: CUDA tensors take one base GEMM over the stacked W (the layers side by side in one
+[N, sum d_out] buffer, returned as column views) and the segmented Triton kernels of
+`slora_kernels.triton.lora_kernels`. CPU tensors take plain torch: a base GEMM per layer on row
+slices of the stacked W (as fast as one GEMM there) into separate outputs, each then
+`addmm_`-ed with its expand, so the backward receives separate output gradients.
 
 Backward (DESIGN.md): dB_i = s_i dY_i^T S_i, dS_i = s_i dY_i B_i, dA_cat = dS^T drop(x) (one GEMM),
-dx = dY W_cat + drop(dS A_cat). S is saved; drop(x) is not: the mask is a function of `seed` and
+dx = sum_i dY_i W_i + drop(dS A_cat). S is saved; drop(x) is not: the mask is a function of `seed` and
 is drawn again, bit for bit, in the backward. On CPU it comes from the extension's counter-based
 `slora::dropout` (each element's bit a hash of (seed, index): parallel, ~8x faster than torch's
 serial CPU Bernoulli); on CUDA from a Philox `torch.Generator` seeded with `seed`.
@@ -43,12 +45,12 @@ def grouped_lora(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Seque
     lora_b[i] [d_out_i, r_i], scales[i] a float. Dropout with probability dropout_p is applied to
     the LoRA branch's input (one mask shared by the group); `seed` fixes the mask (None: drawn
     from torch's global RNG, so torch.manual_seed makes runs repeat). Differentiable in x, the
-    LoRA factors, and W and b when they require grad. The outputs are column views of one buffer.
+    LoRA factors, and W and b when they require grad. On CUDA the outputs are column views of one
+    buffer, on CPU separate tensors.
     """
     _check_group(x, weights, biases, lora_a, lora_b, scales, dropout_p, seed)
-    weight = weights[0] if len(weights) == 1 else torch.cat(list(weights))
-    return grouped_lora_stacked(x, weight, stack_biases(weights, biases), lora_a, lora_b, scales,
-                                dropout_p=dropout_p, seed=seed)
+    return grouped_lora_unchecked(x, list(weights), stack_biases(weights, biases), lora_a, lora_b, scales,
+                                  dropout_p=dropout_p, seed=seed)
 
 
 def stack_biases(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
@@ -60,21 +62,21 @@ def stack_biases(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor 
     return torch.cat([w.new_zeros(w.shape[0]) if b is None else b for w, b in zip(weights, biases)])
 
 
-def grouped_lora_stacked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], scales: Sequence[float], *,
-                         dropout_p: float = 0.0, seed: int | None = None) -> list[torch.Tensor]:
-    """`grouped_lora` with the base weights already stacked: weight [sum d_out, d_in], bias [sum d_out].
-
-    No argument checks: the fused modules call this with a stacked W they cache across steps (the
-    frozen base weight is not re-concatenated every step); everyone else calls `grouped_lora`.
+def grouped_lora_unchecked(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None,
+                           lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], scales: Sequence[float], *,
+                           dropout_p: float = 0.0, seed: int | None = None) -> list[torch.Tensor]:
+    """`grouped_lora` without argument checks, bias already stacked [sum d_out]; weights one per
+    layer or [W_cat] already stacked [sum d_out, d_in]. The fused modules call this with a W_cat
+    they cache across steps on CUDA (the frozen base weights are not re-concatenated every step).
     """
     if dropout_p > 0.0 and seed is None:
         seed = int(torch.randint(SEED_BOUND, (1,)).item())
     flat = x.reshape(-1, x.shape[-1])
-    y, _ = torch.ops.slora.grouped_lora_forward(flat, weight, bias, list(lora_a), list(lora_b),
-                                                [float(s) for s in scales], float(dropout_p), seed or 0)
-    y = y.view(*x.shape[:-1], y.shape[-1])
-    return list(y.split([b.shape[0] for b in lora_b], dim=-1))
+    *ys, _ = torch.ops.slora.grouped_lora_forward(flat, weights, bias, list(lora_a), list(lora_b),
+                                                  [float(s) for s in scales], float(dropout_p), seed or 0)
+    if len(ys) < len(lora_b):  # the Triton path's one [N, sum d_out] buffer
+        ys = ys[0].split([b.shape[0] for b in lora_b], dim=-1)
+    return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
 
 
 def _check_group(x, weights, biases, lora_a, lora_b, scales, dropout_p, seed) -> None:
@@ -138,6 +140,14 @@ def _check_like_x(name: str, index: int, value: torch.Tensor, x: torch.Tensor, a
 # ----------------------------------------------------------------------------- the two custom ops
 
 
+def _stacked_weight(weights: list[torch.Tensor]) -> torch.Tensor:
+    return weights[0] if len(weights) == 1 else torch.cat(weights)
+
+
+def _layer_weights(weights: list[torch.Tensor], d_outs: Sequence[int]) -> Sequence[torch.Tensor]:
+    return weights if len(weights) == len(d_outs) else weights[0].split(d_outs)
+
+
 @functools.lru_cache(maxsize=256)
 def _rank_offsets(ranks: tuple[int, ...], device: torch.device) -> torch.Tensor:
     offsets = [0]
@@ -187,84 +197,107 @@ def _flat_b(lora_b: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([b.reshape(-1) for b in lora_b])
 
 
+def stacks_outputs(x: torch.Tensor) -> bool:
+    """Whether the forward returns the layers side by side in one buffer (Triton) or one tensor each (CPU).
+
+    One tensor per layer on CPU spares the backward the copy of the G output gradients into one
+    [N, sum d_out] buffer that autograd makes for column views (a `split`'s backward is a `cat`);
+    on CPU per-layer base GEMMs cost the same as one GEMM over the stacked W.
+    """
+    return _triton_path(x)
+
+
 @torch.library.custom_op("slora::grouped_lora_forward", mutates_args=())
-def _grouped_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: list[torch.Tensor],
-                     lora_b: list[torch.Tensor], scales: list[float], dropout_p: float,
-                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _grouped_forward(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None,
+                     lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], scales: list[float], dropout_p: float,
+                     seed: int) -> list[torch.Tensor]:
+    """[Y, S] with Y [N, sum d_out] on the Triton path, [Y_0, .., Y_{G-1}, S] on CPU; S = drop(x) A_cat^T.
+
+    weights: one [d_out_i, d_in] per layer, or the group's [sum d_out, d_in] stack as one tensor.
+    """
     s = torch.mm(_dropout(x, dropout_p, seed), _pack_a(lora_a).t())
-    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-    if _triton_path(x):
+    if stacks_outputs(x):
         from slora_kernels.triton.lora_kernels import lora_expand_
 
+        weight = _stacked_weight(weights)
+        y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
         lora_expand_(y, s, _flat_b(lora_b), scales, _cuda_layout(lora_b))
-    else:
-        col = rank = 0
-        for b, scale in zip(lora_b, scales):
-            d_out, r = b.shape
-            y[:, col:col + d_out].addmm_(s[:, rank:rank + r], b.t(), alpha=scale)
-            col, rank = col + d_out, rank + r
-    return y, s
+        return [y, s]
+    ranks, d_outs = _ranks_and_outs(lora_b)
+    layer_biases = [None] * len(lora_b) if bias is None else bias.split(d_outs)
+    ys = []
+    for w, b, s_i, lora_b_i, scale in zip(_layer_weights(weights, d_outs), layer_biases, s.split(ranks, dim=1), lora_b, scales):
+        y = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+        ys.append(y.addmm_(s_i, lora_b_i.t(), alpha=scale))
+    return [*ys, s]
 
 
 @_grouped_forward.register_fake
-def _grouped_forward_fake(x, weight, bias, lora_a, lora_b, scales, dropout_p, seed):
-    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], sum(a.shape[0] for a in lora_a)))
+def _grouped_forward_fake(x, weights, bias, lora_a, lora_b, scales, dropout_p, seed):
+    s = x.new_empty((x.shape[0], sum(a.shape[0] for a in lora_a)))
+    d_outs = [b.shape[0] for b in lora_b]
+    d_outs = [sum(d_outs)] if stacks_outputs(x) else d_outs
+    return [*(x.new_empty((x.shape[0], d)) for d in d_outs), s]
 
 
 @torch.library.custom_op("slora::grouped_lora_backward", mutates_args=())
-def _grouped_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: list[torch.Tensor],
-                      lora_b: list[torch.Tensor], s: torch.Tensor, scales: list[float], dropout_p: float, seed: int,
-                      need_x: bool, need_weight: bool) -> list[torch.Tensor]:
-    """[dx, dW_cat, dA_0.., dB_0..]; dx / dW_cat are empty when not needed."""
-    ranks, _ = _ranks_and_outs(lora_b)
-    if _triton_path(x):
+def _grouped_backward(grad_ys: list[torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor],
+                      lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], s: torch.Tensor, scales: list[float],
+                      dropout_p: float, seed: int, need_x: bool, need_weight: bool) -> list[torch.Tensor]:
+    """[dx, dW_cat, dA_0.., dB_0..] from the forward's output gradients (one, or one per layer);
+    dx / dW_cat are empty when not needed."""
+    ranks, d_outs = _ranks_and_outs(lora_b)
+    if stacks_outputs(x):
         from slora_kernels.triton.lora_kernels import lora_grad_b, lora_grad_s
 
+        (grad_y,), layer_weights = grad_ys, [_stacked_weight(weights)]
         layout, b_flat = _cuda_layout(lora_b), _flat_b(lora_b)
         ds = lora_grad_s(grad_y, b_flat, scales, layout)
         grad_b = [g.view_as(b).clone() for g, b in zip(lora_grad_b(grad_y, s, scales, layout).split(
             [b.numel() for b in lora_b]), lora_b)]
     else:
-        grad_b, ds_parts, col = [], [], 0
-        for b, s_i, scale in zip(lora_b, s.split(ranks, dim=1), scales):
-            dy_i = grad_y[:, col:col + b.shape[0]]
-            ds_parts.append(torch.mm(dy_i, b * scale))
-            grad_b.append(torch.mm(dy_i.t(), s_i).mul_(scale))
-            col += b.shape[0]
+        layer_weights, grad_b, ds_parts = _layer_weights(weights, d_outs), [], []
+        for dy, b, s_i, scale in zip(grad_ys, lora_b, s.split(ranks, dim=1), scales):
+            ds_parts.append(torch.mm(dy, b * scale))
+            grad_b.append(torch.mm(dy.t(), s_i).mul_(scale))
         ds = ds_parts[0] if len(ds_parts) == 1 else torch.cat(ds_parts, dim=1)
     grad_a = torch.mm(ds.t(), _dropout(x, dropout_p, seed))
     if need_x:
-        grad_x = _dropout(torch.mm(ds, _pack_a(lora_a)), dropout_p, seed).addmm_(grad_y, weight)
+        grad_x = _dropout(torch.mm(ds, _pack_a(lora_a)), dropout_p, seed)
+        for dy, w in zip(grad_ys, layer_weights):
+            grad_x.addmm_(dy, w)
     else:
         grad_x = x.new_empty(0)
-    grad_weight = torch.mm(grad_y.t(), x) if need_weight else x.new_empty(0)
+    grad_weight = torch.cat([torch.mm(dy.t(), x) for dy in grad_ys]) if need_weight else x.new_empty(0)
     return [grad_x, grad_weight, *[g.clone() for g in grad_a.split(ranks)], *grad_b]
 
 
 @_grouped_backward.register_fake
-def _grouped_backward_fake(grad_y, x, weight, lora_a, lora_b, s, scales, dropout_p, seed, need_x, need_weight):
-    return [x.new_empty(x.shape if need_x else (0,)), x.new_empty(weight.shape if need_weight else (0,)),
+def _grouped_backward_fake(grad_ys, x, weights, lora_a, lora_b, s, scales, dropout_p, seed, need_x, need_weight):
+    w_cat = (sum(b.shape[0] for b in lora_b), x.shape[1])
+    return [x.new_empty(x.shape if need_x else (0,)), x.new_empty(w_cat if need_weight else (0,)),
             *[a.new_empty(a.shape) for a in lora_a], *[b.new_empty(b.shape) for b in lora_b]]
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, scales, dropout_p, seed = inputs
-    ctx.groups = len(lora_a)
+    x, weights, bias, lora_a, lora_b, scales, dropout_p, seed = inputs
+    ctx.sizes = (len(weights), len(lora_a))
     ctx.args = (scales, dropout_p, seed)
-    ctx.need = (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-    ctx.save_for_backward(x, weight, output[1], *lora_a, *lora_b)
+    ctx.need = (x.requires_grad, any(w.requires_grad for w in weights), bias is not None and bias.requires_grad)
+    ctx.save_for_backward(x, output[-1], *weights, *lora_a, *lora_b)
 
 
-def _backward(ctx, grad_y, grad_s):
-    x, weight, s, *factors = ctx.saved_tensors
-    groups, (need_x, need_weight, need_bias) = ctx.groups, ctx.need
-    lora_a, lora_b = factors[:groups], factors[groups:]
-    if grad_y is None:
-        return None, None, None, [None] * groups, [None] * groups, None, None, None
-    grads = torch.ops.slora.grouped_lora_backward(grad_y.contiguous(), x, weight, lora_a, lora_b, s, *ctx.args,
+def _backward(ctx, grads):
+    x, s, *saved = ctx.saved_tensors
+    (n_weights, groups), (need_x, need_weight, need_bias) = ctx.sizes, ctx.need
+    weights, lora_a, lora_b = saved[:n_weights], saved[n_weights:n_weights + groups], saved[n_weights + groups:]
+    grad_ys = [g.contiguous() for g in grads[:-1]]  # the last output, S, is internal: its gradient is zero
+    grads = torch.ops.slora.grouped_lora_backward(grad_ys, x, weights, lora_a, lora_b, s, *ctx.args,
                                                   need_x, need_weight)
-    return (grads[0] if need_x else None, grads[1] if need_weight else None,
-            grad_y.sum(0) if need_bias else None, grads[2:2 + groups], grads[2 + groups:], None, None, None)
+    grad_weights = list(grads[1].split([w.shape[0] for w in weights])) if need_weight else [None] * n_weights
+    grad_bias = torch.cat([g.sum(0) for g in grad_ys]) if need_bias else None
+    return (grads[0] if need_x else None, grad_weights, grad_bias, grads[2:2 + groups], grads[2 + groups:],
+            None, None, None)
 
 
 _grouped_forward.register_autograd(_backward, setup_context=_setup_context)
