@@ -6,7 +6,10 @@ for its output. The group holds the layers that read the same input tensor (q/k/
 first of them to be called runs one `grouped_lora` for all, the others pick up their output when
 they are called with that same tensor. Whatever the fused path does not cover (adapters disabled
 or merged, several active adapters, mixed-batch `adapter_names`, autocast, mismatched dtypes)
-runs PEFT's own forward, so it behaves exactly as PEFT.
+runs PEFT's own forward, so it behaves exactly as PEFT. So does a model under torch.compile: the
+grouping follows tensor identity across module calls, which a traced graph cannot guard on
+(13 graph breaks in a 2-layer BERT), so compiled code gets PEFT's forward, one graph as for stock
+PEFT, and the fused path is for eager training.
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ class LoraGroup:
 
     def output(self, layer: FusedLoraLinear, x: torch.Tensor) -> torch.Tensor | None:
         """Layer's output for x, or None when the fused path does not apply (the caller runs PEFT's)."""
+        if torch.compiler.is_compiling():
+            return None
         key = (id(x), x._version, torch.is_grad_enabled())
         if key == self._pending_key and id(layer) in self._pending:
             y = self._pending.pop(id(layer))
