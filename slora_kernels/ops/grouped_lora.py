@@ -226,7 +226,8 @@ def _grouped_forward(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.T
     ranks, d_outs = _ranks_and_outs(lora_b)
     layer_biases = [None] * len(lora_b) if bias is None else bias.split(d_outs)
     ys = []
-    for w, b, s_i, lora_b_i, scale in zip(_layer_weights(weights, d_outs), layer_biases, s.split(ranks, dim=1), lora_b, scales):
+    layers = zip(_layer_weights(weights, d_outs), layer_biases, s.split(ranks, dim=1), lora_b, scales)
+    for w, b, s_i, lora_b_i, scale in layers:
         y = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
         ys.append(y.addmm_(s_i, lora_b_i.t(), alpha=scale))
     return [*ys, s]
