@@ -4,7 +4,7 @@ MiniLM (BERT classifier) at batch 32 x 64 tokens and SmolLM2-135M (Llama causal 
 4 x 128 tokens, LoRA on every attention and MLP Linear with ranks drawn from 1..16. Both models
 start from the same weights; their steps alternate, so both see the same machine noise; medians.
 
-    python benchmarks/bench_training.py [--repeats 15] [--models minilm smollm2]
+    python benchmarks/bench_training.py [--repeats 15] [--models minilm smollm2] [--lora-dropout 0.05]
 """
 from __future__ import annotations
 
@@ -46,11 +46,11 @@ def make_step(model, batch):
     return step
 
 
-def bench(name: str, repeats: int, warmup: int = 2) -> dict:
+def bench(name: str, repeats: int, lora_dropout: float, warmup: int = 2) -> dict:
     loader, targets, batch_size, tokens = SETUPS[name]
     base, _ = loader()
     ranks = rank_pattern(base, targets)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=targets, rank_pattern=ranks, lora_dropout=0.05,
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=targets, rank_pattern=ranks, lora_dropout=lora_dropout,
                         modules_to_save=["classifier"] if name == "minilm" else None)
     stock = get_peft_model(copy.deepcopy(base), config).train()
     fused = fuse(get_peft_model(base, config).train())
@@ -74,12 +74,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--models", nargs="+", choices=sorted(SETUPS), default=["minilm", "smollm2"])
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="PEFT's lora_dropout for both models")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} interleaved repeats")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} interleaved repeats, "
+          f"lora_dropout {args.lora_dropout}")
     print("| model | batch x tokens | LoRA layers (ranks) | stock PEFT ms | fused ms | fused / stock |")
     print("|---|---|---|---|---|---|")
     for name in args.models:
-        r = bench(name, args.repeats)
+        r = bench(name, args.repeats, args.lora_dropout)
         print(f"| {r['model']} | {r['batch']} | {r['layers']} ({r['ranks']}) | {r['stock PEFT']:.1f} | "
               f"{r['fused']:.1f} | {r['ratio']:.3f} |", flush=True)
 
