@@ -1,12 +1,10 @@
 """A fused model under DistributedDataParallel (gloo, 2 CPU processes) gets the gradients of one
 process on the whole batch."""
 import random
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_workers import spawn_gloo
 from peft import LoraConfig, get_peft_model
 
 from slora_kernels import fuse
@@ -45,29 +43,19 @@ def lora_grads(model):
     return {n.removeprefix("module."): p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
-def worker(rank, port, out_path):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        model = torch.nn.parallel.DistributedDataParallel(tiny_fused_bert())
-        ids, labels = batch()
-        shard = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
-        model(input_ids=ids[shard], labels=labels[shard]).loss.backward()
-        if rank == 0:
-            torch.save(lora_grads(model), out_path)
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def worker(rank, world, out_path):
+    model = torch.nn.parallel.DistributedDataParallel(tiny_fused_bert())
+    ids, labels = batch()
+    shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    model(input_ids=ids[shard], labels=labels[shard]).loss.backward()
+    if rank == 0:
+        torch.save(lora_grads(model), out_path)
 
 
 @pytest.mark.slow
 def test_ddp_gradients_equal_single_process(tmp_path):
     out = tmp_path / "ddp_grads.pt"
-    mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    spawn_gloo(worker, WORLD, str(out))
     model = tiny_fused_bert()
     ids, labels = batch()
     model(input_ids=ids, labels=labels).loss.backward()

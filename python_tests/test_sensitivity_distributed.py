@@ -1,10 +1,7 @@
 """Two CPU processes (gloo), each with half the batches, get the report of one process on all of them."""
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_workers import spawn_gloo
 from sensitivity_toy import Toy, toy_batches
 
 from slora_kernels import SensitivityReport, estimate_sensitivity
@@ -13,28 +10,18 @@ TARGETS = ["query", "key", "value", "up", "down", "head"]
 ESTIMATORS = [("activation", {}), ("fisher", {}), ("fisher", {"per_sample": True}), ("hutchinson", {"probes": 3})]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def worker(rank: int, world: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        mine = toy_batches(n_batches=6)[rank::world]
-        for i, (estimator, kwargs) in enumerate(ESTIMATORS):
-            report = estimate_sensitivity(Toy(), mine, target_modules=TARGETS, estimator=estimator, progress=False,
-                                          **kwargs)
-            report.to_json(f"{out_dir}/rank{rank}_{i}.json")
-    finally:
-        dist.destroy_process_group()
+    mine = toy_batches(n_batches=6)[rank::world]
+    for i, (estimator, kwargs) in enumerate(ESTIMATORS):
+        report = estimate_sensitivity(Toy(), mine, target_modules=TARGETS, estimator=estimator, progress=False,
+                                      **kwargs)
+        report.to_json(f"{out_dir}/rank{rank}_{i}.json")
 
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
-    mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo(worker, 2, str(tmp_path))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
