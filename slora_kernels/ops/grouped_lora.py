@@ -140,12 +140,14 @@ def _check_like_x(name: str, index: int, value: torch.Tensor, x: torch.Tensor, a
 # ----------------------------------------------------------------------------- the two custom ops
 
 
-def _stacked_weight(weights: list[torch.Tensor]) -> torch.Tensor:
-    return weights[0] if len(weights) == 1 else torch.cat(weights)
-
-
-def _layer_weights(weights: list[torch.Tensor], d_outs: Sequence[int]) -> Sequence[torch.Tensor]:
-    return weights if len(weights) == len(d_outs) else weights[0].split(d_outs)
+def _blocks(grad_ys: list[torch.Tensor], weights: list[torch.Tensor], d_outs: Sequence[int]):
+    """(dY block, W block) pairs with sum_j dY_j W_j = dY W_cat, splitting whichever side is whole
+    (no copy of W or dY): per layer, or the one stacked pair."""
+    if len(grad_ys) == len(weights):
+        return list(zip(grad_ys, weights))
+    if len(weights) == 1:
+        return list(zip(grad_ys, weights[0].split(d_outs)))
+    return list(zip(grad_ys[0].split(d_outs, dim=1), weights))
 
 
 @functools.lru_cache(maxsize=256)
@@ -219,14 +221,15 @@ def _grouped_forward(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.T
     if stacks_outputs(x):
         from slora_kernels.triton.lora_kernels import lora_expand_
 
-        weight = _stacked_weight(weights)
+        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
         y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
         lora_expand_(y, s, _flat_b(lora_b), scales, _cuda_layout(lora_b))
         return [y, s]
     ranks, d_outs = _ranks_and_outs(lora_b)
     layer_biases = [None] * len(lora_b) if bias is None else bias.split(d_outs)
     ys = []
-    layers = zip(_layer_weights(weights, d_outs), layer_biases, s.split(ranks, dim=1), lora_b, scales)
+    layer_weights = weights if len(weights) == len(lora_b) else weights[0].split(d_outs)
+    layers = zip(layer_weights, layer_biases, s.split(ranks, dim=1), lora_b, scales)
     for w, b, s_i, lora_b_i, scale in layers:
         y = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
         ys.append(y.addmm_(s_i, lora_b_i.t(), alpha=scale))
@@ -251,25 +254,26 @@ def _grouped_backward(grad_ys: list[torch.Tensor], x: torch.Tensor, weights: lis
     if stacks_outputs(x):
         from slora_kernels.triton.lora_kernels import lora_grad_b, lora_grad_s
 
-        (grad_y,), layer_weights = grad_ys, [_stacked_weight(weights)]
+        (grad_y,) = grad_ys
         layout, b_flat = _cuda_layout(lora_b), _flat_b(lora_b)
         ds = lora_grad_s(grad_y, b_flat, scales, layout)
         grad_b = [g.view_as(b).clone() for g, b in zip(lora_grad_b(grad_y, s, scales, layout).split(
             [b.numel() for b in lora_b]), lora_b)]
     else:
-        layer_weights, grad_b, ds_parts = _layer_weights(weights, d_outs), [], []
+        grad_b, ds_parts = [], []
         for dy, b, s_i, scale in zip(grad_ys, lora_b, s.split(ranks, dim=1), scales):
             ds_parts.append(torch.mm(dy, b * scale))
             grad_b.append(torch.mm(dy.t(), s_i).mul_(scale))
         ds = ds_parts[0] if len(ds_parts) == 1 else torch.cat(ds_parts, dim=1)
     grad_a = torch.mm(ds.t(), _dropout(x, dropout_p, seed))
+    blocks = _blocks(grad_ys, weights, d_outs)
     if need_x:
         grad_x = _dropout(torch.mm(ds, _pack_a(lora_a)), dropout_p, seed)
-        for dy, w in zip(grad_ys, layer_weights):
+        for dy, w in blocks:
             grad_x.addmm_(dy, w)
     else:
         grad_x = x.new_empty(0)
-    grad_weight = torch.cat([torch.mm(dy.t(), x) for dy in grad_ys]) if need_weight else x.new_empty(0)
+    grad_weight = torch.cat([torch.mm(dy.t(), x) for dy, _ in blocks]) if need_weight else x.new_empty(0)
     return [grad_x, grad_weight, *[g.clone() for g in grad_a.split(ranks)], *grad_b]
 
 
