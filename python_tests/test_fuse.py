@@ -5,59 +5,20 @@ Every check compares against stock PEFT on the same weights: logits and every Lo
 the adapter saved from a fused model loaded by stock PeftModel.from_pretrained.
 """
 import copy
-import random
 import warnings
 
 import pytest
 import torch
+from lora_helpers import batch, logits_and_grads, lora_model, random_pattern, randomize_lora_b, rel_err, tiny_fused_bert
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners import lora
 
 from slora_kernels import fuse, unfuse
 from slora_kernels.defaults import load_minilm_classifier, load_smollm2
 from slora_kernels.nn import FusedLoraLinear
-from test_fuse_ddp import batch, tiny_fused_bert
 
 MINILM_TARGETS = ["query", "key", "value", "dense"]
 SMOLLM2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def random_pattern(model, targets, seed):
-    """A random rank_pattern (ranks 1..16) and alpha_pattern over every targeted Linear."""
-    rng = random.Random(seed)
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets]
-    return ({n: rng.randint(1, 16) for n in names}, {n: rng.choice([4, 8, 16, 32]) for n in names})
-
-
-def lora_model(base, targets, seed=0, **config):
-    ranks, alphas = random_pattern(base, targets, seed)
-    cfg = LoraConfig(r=8, target_modules=targets, rank_pattern=ranks, alpha_pattern=alphas, **config)
-    model = get_peft_model(base, cfg)
-    randomize_lora_b(model, seed)
-    return model
-
-
-def randomize_lora_b(model, seed):
-    """PEFT initialises B to zero; random B makes every gradient and output term non-trivial."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-
-
-def rel_err(got, want):
-    """Relative error ||got - want|| / ||want|| (Frobenius): fp32 summation-order noise, not one element's."""
-    return (torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want).clamp_min(1e-30)).item()
-
-
-def logits_and_grads(model, inputs):
-    model.zero_grad(set_to_none=True)
-    logits = model(**inputs).logits
-    (logits ** 2).mean().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n and p.grad is not None}
-    return logits.detach(), grads
 
 
 def assert_same_run(got, want, per_matrix=1e-5):

@@ -3,45 +3,9 @@ import random
 
 import pytest
 import torch
+from lora_helpers import assert_mixed_dtype_group_matches_float64, random_group, reference, seeded_keep
 
-from slora_kernels import _hash_dropout as hash_dropout
 from slora_kernels.ops import grouped_lora
-
-
-def random_group(rng: random.Random, dtype=torch.float64, max_groups=7, max_rank=70, bias=True):
-    """x, weights, biases, lora_a, lora_b, scales of a random group (odd sizes, ranks 1..max_rank)."""
-    gen = torch.Generator().manual_seed(rng.randrange(2**31))
-    d_in, groups = rng.randint(1, 41), rng.randint(1, max_groups)
-    d_outs = [rng.randint(1, 37) for _ in range(groups)]
-    ranks = [rng.randint(1, max_rank) for _ in range(groups)]
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
-
-    x = rand(rng.randint(1, 3), rng.randint(1, 9), d_in)
-    weights = [rand(d, d_in) for d in d_outs]
-    biases = [rand(d) if bias and rng.random() < 0.6 else None for d in d_outs]
-    lora_a = [rand(r, d_in) for r in ranks]
-    lora_b = [rand(d, r) for d, r in zip(d_outs, ranks)]
-    scales = [rng.uniform(-2.0, 2.0) for _ in range(groups)]
-    return x, weights, biases, lora_a, lora_b, scales
-
-
-def reference(x, weights, biases, lora_a, lora_b, scales, keep=None):
-    """PEFT's per-layer formula in float64; keep is the dropout mask scaled by 1/(1-p)."""
-    x = x.double()
-    xd = x if keep is None else x * keep.double()
-    return [x @ w.double().T + (0 if b is None else b.double()) + s * (xd @ a.double().T) @ bb.double().T
-            for w, b, a, bb, s in zip(weights, biases, lora_a, lora_b, scales)]
-
-
-def seeded_keep(x, p, seed):
-    """The documented mask over 1 - p: counter-based on CPU (its plain-torch definition), a Philox
-    generator seeded with `seed` on CUDA."""
-    if x.is_cuda:
-        generator = torch.Generator(device=x.device).manual_seed(seed)
-        return torch.empty_like(x).bernoulli_(1.0 - p, generator=generator) / (1.0 - p)
-    return hash_dropout.dropout(torch.ones_like(x), p, seed)
 
 
 @pytest.mark.parametrize("case", range(12))
@@ -74,6 +38,34 @@ def test_gradients_match_float64_reference(case):
     want = torch.autograd.grad(refs, leaves, cotangents)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", range(4))
+def test_half_base_with_float32_factors_matches_float64_reference(base_dtype, case):
+    assert_mixed_dtype_group_matches_float64(random.Random(400 + case), base_dtype, dropout_p=0.2 * (case % 2))
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_autocast_casts_every_input_like_f_linear(autocast_dtype):
+    """Under autocast the op equals the op on inputs cast to the autocast dtype (bit for bit), and its
+    gradients reach the float32 leaves in float32, as autocast's F.linear does."""
+    x, weights, biases, lora_a, lora_b, scales = random_group(random.Random(11), torch.float32)
+    leaves = [x, *lora_a, *lora_b]
+    for t in leaves:
+        t.requires_grad_(True)
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        ys = grouped_lora(x, weights, biases, lora_a, lora_b, scales, dropout_p=0.1, seed=2)
+
+    def cast(ts):
+        return [None if t is None else t.detach().to(autocast_dtype) for t in ts]
+
+    expected = grouped_lora(cast([x])[0], cast(weights), cast(biases), cast(lora_a), cast(lora_b), scales,
+                            dropout_p=0.1, seed=2)
+    for y, e in zip(ys, expected):
+        assert y.dtype == autocast_dtype and torch.equal(y, e)
+    grads = torch.autograd.grad([y.float().sum() for y in ys], leaves)
+    assert all(g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25])
@@ -173,7 +165,11 @@ BAD = [
     ("empty", lambda a: a.update(weights=[], biases=[], lora_a=[], lora_b=[], scales=[]), ValueError, "at least one"),
     ("lengths", lambda a: a.update(scales=a["scales"] + [1.0]), ValueError, "scales must have one entry per layer"),
     ("d_in", lambda a: a["weights"].__setitem__(0, a["weights"][0][:, :-1]), ValueError, r"weights\[0\] must be"),
-    ("dtype", lambda a: a["lora_a"].__setitem__(0, a["lora_a"][0].float()), TypeError, r"lora_a\[0\] has dtype"),
+    # factors may have a dtype of their own (float32 under a bf16 base), but one for all of them
+    ("dtype", lambda a: a["lora_a"].__setitem__(0, a["lora_a"][0].float()), TypeError,
+     r"lora_b\[0\] has dtype torch.float64, expected torch.float32 like lora_a\[0\]"),
+    ("weight dtype", lambda a: a["weights"].__setitem__(0, a["weights"][0].float()), TypeError,
+     r"weights\[0\] has dtype torch.float32, expected torch.float64 like x"),
     ("rank 0", lambda a: a["lora_a"].__setitem__(0, a["lora_a"][0][:0]), ValueError, "rank >= 1"),
     ("lora_b", lambda a: a["lora_b"].__setitem__(0, a["lora_b"][0].T), ValueError, r"lora_b\[0\] must be"),
     ("bias", lambda a: a["biases"].__setitem__(0, torch.zeros(1000, dtype=torch.float64)), ValueError,

@@ -9,13 +9,12 @@ import sys
 
 import pytest
 import torch
-
-from slora_kernels.ops import grouped_lora
-from slora_kernels.triton.lora_kernels import BLOCK_R, lora_expand_, lora_grad_b, lora_grad_s, segment_layout
+from lora_helpers import (assert_mixed_dtype_group_matches_float64, batch, random_group, reference, seeded_keep,
+                          tiny_fused_bert)
 
 from slora_kernels import unfuse
-from test_fuse_ddp import batch, tiny_fused_bert
-from test_grouped_lora import random_group, reference, seeded_keep
+from slora_kernels.ops import grouped_lora
+from slora_kernels.triton.lora_kernels import BLOCK_R, lora_expand_, lora_grad_b, lora_grad_s, segment_layout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}
@@ -66,6 +65,41 @@ def test_kernels_match_float64_reference(dtype, case):
     torch.testing.assert_close(lora_grad_b(dy, s, scales, layout).double(), expected_db, rtol=tol, atol=tol * 10)
 
 
+def assert_within_one_rounding(got, exact, dtype):
+    """got (in dtype) is exact rounded once: within one ulp of dtype at exact's magnitude. One ulp, not
+    half: the interpreter converts float32 to bf16 by truncation (checked), the GPU to nearest."""
+    ulp = torch.finfo(dtype).eps * exact.abs().clamp_min(torch.finfo(dtype).tiny)
+    assert got.dtype == dtype
+    assert ((got.double() - exact).abs() <= ulp * 1.01 + 1e-6).all()
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", range(3))
+def test_kernels_mixed_dtypes_float32_factors_half_outputs(out_dtype, case):
+    """PEFT's default under a half-precision base: S and B float32, Y / dY bf16 or fp16. dY is cast to
+    float32 on load (exact), products accumulate in float32, Y takes one rounding. (tl.dot itself runs
+    on float32 here, so the interpreter simulates it; bf16 only enters through loads and stores.)"""
+    rng = random.Random(300 + case)
+    d_outs, ranks, s, lora_b, y, scales = random_segments(rng, torch.float32)
+    y = y.to(out_dtype)
+    layout = segment_layout(d_outs, ranks, s.device)
+    b_flat = torch.cat([b.reshape(-1) for b in lora_b])
+    s_parts, dy_parts = columns(s, ranks), columns(y, d_outs)
+
+    expected = torch.cat([y_i + c * s_i @ b.double().T for y_i, s_i, b, c in zip(dy_parts, s_parts, lora_b, scales)],
+                         dim=1)
+    assert_within_one_rounding(lora_expand_(y.clone(), s, b_flat, scales, layout), expected, out_dtype)
+
+    expected_ds = torch.cat([c * g @ b.double() for g, b, c in zip(dy_parts, lora_b, scales)], dim=1)
+    ds = lora_grad_s(y, b_flat, scales, layout)
+    assert ds.dtype == torch.float32
+    torch.testing.assert_close(ds.double(), expected_ds, rtol=1e-5, atol=1e-5)
+    expected_db = torch.cat([(c * g.T @ s_i).reshape(-1) for g, s_i, c in zip(dy_parts, s_parts, scales)])
+    db = lora_grad_b(y, s, scales, layout)
+    assert db.dtype == torch.float32
+    torch.testing.assert_close(db.double(), expected_db, rtol=1e-5, atol=1e-5)
+
+
 def test_layout_pads_each_rank_to_sixteen_not_to_the_group_max():
     layout = segment_layout((40, 8), (1, 70), torch.device("cpu"))
     assert layout.meta.tolist() == [[0, 40, 0, 1, 0], [40, 8, 1, 70, 40]]
@@ -99,6 +133,12 @@ def test_op_on_triton_path_forward_and_all_gradients(triton_path, case):
     cotangents = [torch.randn_like(y) for y in ys]
     for got, want in zip(torch.autograd.grad(ys, leaves, cotangents), torch.autograd.grad(refs, leaves, cotangents)):
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", range(2))
+def test_op_on_triton_path_half_base_with_float32_factors(triton_path, base_dtype, case):
+    assert_mixed_dtype_group_matches_float64(random.Random(500 + case), base_dtype, DEVICE, dropout_p=0.2 * case)
 
 
 def test_fused_model_on_triton_path_matches_stock_peft_and_sees_weight_changes(triton_path):

@@ -15,12 +15,12 @@ __all__ += ["Metrics", "SensitivityReport", "allocate_ranks", "combine", "estima
 
 
 def __getattr__(name: str):
-    # fuse / unfuse need peft (several seconds to import): load them on first use only.
-    if name in ("fuse", "unfuse"):
+    # fuse / unfuse / fusion_stats need peft (several seconds to import): load them on first use only.
+    if name in ("fuse", "unfuse", "fusion_stats"):
         from slora_kernels import fusion
 
         return getattr(fusion, name)
     raise AttributeError(f"module 'slora_kernels' has no attribute {name!r}")
 
 
-__all__ += ["fuse", "unfuse"]
+__all__ += ["fuse", "fusion_stats", "unfuse"]

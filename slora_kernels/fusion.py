@@ -17,7 +17,8 @@ import torch
 from peft.tuners import lora
 from torch import nn
 
-from slora_kernels.nn.fused import FusedLoraLinear, LoraGroup
+from slora_kernels.nn.fused import FusedLoraLinear, LoraGroup, has_hooks
+from slora_kernels.nn.stats import FusionRecorder, FusionStats
 
 
 def fuse(peft_model: nn.Module, example_inputs: Mapping[str, Any] | None = None) -> nn.Module:
@@ -26,8 +27,10 @@ def fuse(peft_model: nn.Module, example_inputs: Mapping[str, Any] | None = None)
     example_inputs: keyword inputs for the probe forward that finds shared-input groups; default
     the base model's `dummy_inputs` (every transformers model has them). Layers PEFT builds with
     options the fused path does not implement (DoRA and other LoRA variants, lora_bias,
-    fan_in_fan_out, a base layer that is not a plain nn.Linear, e.g. quantised) stay stock PEFT
-    layers, with a warning naming them.
+    fan_in_fan_out, a base layer that is not a plain nn.Linear, e.g. quantised) and layers whose
+    base_layer / lora_A / lora_B carry forward hooks (e.g. accelerate's device_map offload, which
+    the fused op would bypass) stay stock PEFT layers, with a warning naming them.
+    `fusion_stats(model)` then counts the forward calls that took the fused path.
     """
     unfuse(peft_model)
     layers, skipped = {}, []
@@ -41,9 +44,10 @@ def fuse(peft_model: nn.Module, example_inputs: Mapping[str, Any] | None = None)
     if skipped:
         warnings.warn(f"slora_kernels.fuse left {len(skipped)} layer(s) as stock PEFT layers: " + "; ".join(skipped),
                       stacklevel=2)
+    recorder = FusionRecorder({id(module): name for name, module in layers.items()})
     for names in _shared_input_groups(peft_model, layers, example_inputs):
         members = [layers[n] for n in names]
-        group = LoraGroup(members)
+        group = LoraGroup(members, recorder)
         for module in members:
             module.__class__ = FusedLoraLinear
             module._slora_group = group
@@ -59,6 +63,16 @@ def unfuse(peft_model: nn.Module) -> nn.Module:
     return peft_model
 
 
+def fusion_stats(peft_model: nn.Module, reset: bool = False) -> FusionStats:
+    """Forward calls of the model's fused LoRA layers since `fuse()` (or the last `reset=True`):
+    how many took the fused path and, by reason, how many ran PEFT's own forward."""
+    for module in peft_model.modules():
+        if isinstance(module, FusedLoraLinear):
+            return module._slora_group.recorder.snapshot(reset)
+    raise ValueError("fusion_stats: the model has no fused LoRA layers; call slora_kernels.fuse(model) first "
+                     "(it warns about every layer it leaves to PEFT)")
+
+
 def _unsupported(module: lora.Linear) -> str | None:
     if type(module) is not lora.Linear:
         return f"{type(module).__name__} is a PEFT LoRA layer for a quantised or special base"
@@ -71,7 +85,15 @@ def _unsupported(module: lora.Linear) -> str | None:
         return f"LoRA variant {', '.join(variants)} (e.g. DoRA) is not fused"
     if any(module.lora_bias.values()):
         return "lora_bias=True"
+    hooked = [name for name, sub in (("base_layer", module.base_layer), *_factor_modules(module)) if has_hooks(sub)]
+    if hooked:
+        return f"forward hooks on {', '.join(hooked)} (the fused op would skip them)"
     return None
+
+
+def _factor_modules(module: lora.Linear) -> list[tuple[str, nn.Module]]:
+    return [(f"{kind}[{adapter!r}]", sub) for kind in ("lora_A", "lora_B")
+            for adapter, sub in getattr(module, kind).items()]
 
 
 def _shared_input_groups(model: nn.Module, layers: dict[str, lora.Linear],

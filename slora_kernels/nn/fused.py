@@ -4,12 +4,14 @@
 unmerge / disable_adapter / set_adapter, same state_dict keys) whose forward asks its `LoraGroup`
 for its output. The group holds the layers that read the same input tensor (q/k/v, gate/up): the
 first of them to be called runs one `grouped_lora` for all, the others pick up their output when
-they are called with that same tensor. Whatever the fused path does not cover (adapters disabled
-or merged, several active adapters, mixed-batch `adapter_names`, autocast, mismatched dtypes)
-runs PEFT's own forward, so it behaves exactly as PEFT. So does a model under torch.compile: the
-grouping follows tensor identity across module calls, which a traced graph cannot guard on
-(13 graph breaks in a 2-layer BERT), so compiled code gets PEFT's forward, one graph as for stock
-PEFT, and the fused path is for eager training.
+they are called with that same, unmodified tensor. The fused path covers PEFT's dtypes (a bf16 /
+fp16 base with float32 factors, one dtype throughout), torch.autocast, no_grad and inference_mode;
+whatever it does not cover runs PEFT's own forward, counted by reason (`slora_kernels.nn.stats`).
+
+Two cases compute each layer on its own (still fused, without the group's shared shrink):
+inference tensors, which have no version counter, so nothing could prove that a cached output
+still belongs to the tensor a later layer is called with; and torch.compile, whose traced graph
+cannot follow tensor identity across module calls.
 """
 from __future__ import annotations
 
@@ -17,15 +19,24 @@ import torch
 from peft.tuners import lora
 from torch import nn
 
+from slora_kernels.nn.stats import FusionRecorder
 from slora_kernels.ops.grouped_lora import grouped_lora_unchecked, stack_biases, stacks_outputs
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling module runs code besides its forward: forward (pre-)hooks, or a forward
+    replaced on the instance (accelerate's `_hf_hook`, e.g. device_map offload)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or "_hf_hook" in module.__dict__
+                or "forward" in module.__dict__)
 
 
 class LoraGroup:
     """Layers fed the same input; computes their outputs together and hands each its own once."""
 
-    def __init__(self, members: list[FusedLoraLinear]):
+    def __init__(self, members: list[FusedLoraLinear], recorder: FusionRecorder):
         self.members = members
-        self._pending: dict[int, torch.Tensor] = {}
+        self.recorder = recorder
+        self._pending: dict[int, tuple[torch.Tensor, tuple]] = {}
         self._pending_key: tuple | None = None
         self._pending_input: torch.Tensor | None = None
         self._stacked_key: tuple | None = None
@@ -38,27 +49,38 @@ class LoraGroup:
     def output(self, layer: FusedLoraLinear, x: torch.Tensor) -> torch.Tensor | None:
         """Layer's output for x, or None when the fused path does not apply (the caller runs PEFT's)."""
         if torch.compiler.is_compiling():
+            return self._compute([layer], x, layer.fused_key(x))[0] if layer.fallback_reason(x) is None else None
+        reason = layer.fallback_reason(x)
+        if reason is not None:
+            self.recorder.fell_back(layer, reason)
             return None
+        self.recorder.fused(layer)
+        own = layer.fused_key(x)
+        if x.is_inference():  # no version counter to key a cache on: this layer alone
+            return self._compute([layer], x, own)[0]
         key = (id(x), x._version, torch.is_grad_enabled())
         if key == self._pending_key and id(layer) in self._pending:
-            y = self._pending.pop(id(layer))
+            y, state = self._pending.pop(id(layer))
             if not self._pending:
                 self._pending_key = self._pending_input = None
-            return y
-        own = layer.fused_state(x)
-        if own is None:
-            return None
-        members = [m for m in self.members if m is layer or m.fused_state(x) == own]
-        adapter, dropout_p = own
-        weights, bias = self._base(members)
-        outputs = grouped_lora_unchecked(
-            x, weights, bias, [m.lora_A[adapter].weight for m in members], [m.lora_B[adapter].weight for m in members],
-            [m.scaling[adapter] for m in members], dropout_p=dropout_p)
-        self._pending = {id(m): y for m, y in zip(members, outputs) if m is not layer}
+            if state == layer.parameter_state(own):
+                return y
+        members = [m for m in self.members if m is layer or (m.fallback_reason(x) is None and m.fused_key(x) == own)]
+        outputs = self._compute(members, x, own)
+        self._pending = {id(m): (y, m.parameter_state(own)) for m, y in zip(members, outputs) if m is not layer}
         # Keep x alive while outputs are pending, so its id cannot be reused by another tensor.
         self._pending_key = key if self._pending else None
         self._pending_input = x if self._pending else None
         return outputs[members.index(layer)]
+
+    def _compute(self, members: list[FusedLoraLinear], x: torch.Tensor, key: tuple) -> list[torch.Tensor]:
+        """The members' outputs for x, one grouped_lora call; key is their common `fused_key`."""
+        adapter, dropout_p = key[0], key[1]
+        weights, bias = self._base(members)
+        outputs = grouped_lora_unchecked(
+            x, weights, bias, [m.lora_A[adapter].weight for m in members], [m.lora_B[adapter].weight for m in members],
+            [m.scaling[adapter] for m in members], dropout_p=dropout_p)
+        return outputs
 
     def _base(self, members: list[FusedLoraLinear]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """The members' base weights (one per layer, or [W_cat] where the op stacks: CUDA) and stacked bias.
@@ -85,24 +107,50 @@ class FusedLoraLinear(lora.Linear):
 
     _slora_group: LoraGroup
 
-    def fused_state(self, x: torch.Tensor) -> tuple[str, float] | None:
-        """(adapter, dropout p) when the fused path computes exactly what PEFT's forward would, else None."""
-        if self.disable_adapters or self.merged or len(self.active_adapters) != 1:
-            return None
+    def fallback_reason(self, x: torch.Tensor) -> str | None:
+        """Why PEFT's forward must run for x (a reason named in `slora_kernels.nn.stats`), or None."""
+        if self.disable_adapters:
+            return "disabled"
+        if self.merged:
+            return "merged"
+        if len(self.active_adapters) != 1:
+            return "multiple adapters"
         adapter = self.active_adapters[0]
-        if adapter not in self.lora_A or adapter in self.lora_variant or self.lora_bias.get(adapter, False):
-            return None
-        dtype = self.base_layer.weight.dtype
-        if (x.dtype != dtype or self.lora_A[adapter].weight.dtype != dtype or self.lora_B[adapter].weight.dtype != dtype
-                or torch.is_autocast_enabled(x.device.type)):
-            return None
+        if adapter not in self.lora_A:
+            return "inactive adapter"
+        if adapter in self.lora_variant or self.lora_bias.get(adapter, False):
+            return "variant"
+        lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
+        if not torch.is_autocast_enabled(x.device.type):
+            factor_dtype = lora_a.weight.dtype
+            if (x.dtype != self.base_layer.weight.dtype or lora_b.weight.dtype != factor_dtype
+                    or (x.dtype != factor_dtype and not getattr(self, "cast_input_dtype_enabled", True))):
+                return "dtype"
+        if type(self.lora_dropout[adapter]) not in (nn.Dropout, nn.Identity):
+            return "dropout"
+        if has_hooks(self.base_layer) or has_hooks(lora_a) or has_hooks(lora_b):
+            return "hooks"
+        return None
+
+    def fused_key(self, x: torch.Tensor) -> tuple:
+        """What must agree for layers to share one fused call: adapter, dropout p, factor dtype, autocast."""
+        adapter = self.active_adapters[0]
         dropout = self.lora_dropout[adapter]
-        if isinstance(dropout, nn.Dropout):
-            return adapter, dropout.p if dropout.training else 0.0
-        return (adapter, 0.0) if isinstance(dropout, nn.Identity) else None
+        dropout_p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        device_type = x.device.type
+        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        return adapter, dropout_p, self.lora_A[adapter].weight.dtype, autocast
+
+    def parameter_state(self, key: tuple) -> tuple:
+        """The fused key with the versions of the tensors an output was computed from (in-place edits show)."""
+        adapter = key[0]
+        tensors = (self.base_layer.weight, self.base_layer.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight)
+        return key, tuple(None if t is None else (id(t), -1 if t.is_inference() else t._version) for t in tensors)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if not args and not kwargs:
+        if args or kwargs:
+            self._slora_group.recorder.fell_back(self, "arguments")
+        else:
             y = self._slora_group.output(self, x)
             if y is not None:
                 return y

@@ -20,12 +20,13 @@ def check_tensor(name: str, value: object, *, ndim: int | Sequence[int] | None =
     return value
 
 
-def check_same(name: str, index: int, value: torch.Tensor, reference: torch.Tensor, attr: str) -> None:
-    """Raise if value.attr differs from reference.attr (dtype or device across a list)."""
+def check_same(name: str, index: int, value: torch.Tensor, reference: torch.Tensor, attr: str,
+               reference_name: str | None = None) -> None:
+    """Raise if value.attr (dtype or device) differs from reference.attr; reference_name defaults to name[0]."""
     got, want = getattr(value, attr), getattr(reference, attr)
     if got != want:
         error = TypeError if attr == "dtype" else ValueError
-        raise error(f"{name}[{index}] has {attr} {got}, expected {want} like {name}[0]")
+        raise error(f"{name}[{index}] has {attr} {got}, expected {want} like {reference_name or f'{name}[0]'}")
 
 
 def check_positive_int(name: str, value: object) -> int:

@@ -17,7 +17,13 @@ is drawn again, bit for bit, in the backward. On CPU it comes from the extension
 `slora::dropout` (each element's bit a hash of (seed, index): parallel, ~8x faster than torch's
 serial CPU Bernoulli); on CUDA from a Philox `torch.Generator` seeded with `seed`.
 
-Both halves are `torch.library.custom_op`s with fake kernels and registered autograd, so
+Dtypes follow PEFT's LoRA Linear: x, W and b share the base dtype; the factors share one dtype of
+their own (PEFT keeps them in float32 under a bf16/fp16 base by default). The LoRA branch runs in
+the factors' dtype on x cast to it, and is added to the base output with one rounding into the
+base dtype; gradients reach the factors in their dtype and x in its own. Under torch.autocast the
+op casts every floating input to the autocast dtype first, as autocast does for `F.linear`.
+
+Both halves are `torch.library.custom_op`s with fake kernels, registered autograd and autocast, so
 torch.compile traces a module that calls `grouped_lora` without graph breaks (when `seed` is
 given or dropout_p == 0; drawing a seed from torch's global RNG is a `.item()`).
 """
@@ -30,7 +36,7 @@ from collections.abc import Sequence
 import torch
 
 from slora_kernels import _extension  # noqa: F401  (registers torch.ops.slora.pack)
-from slora_kernels.ops._checks import check_tensor
+from slora_kernels.ops._checks import check_same, check_tensor
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 SEED_BOUND = 2**62
@@ -41,8 +47,9 @@ def grouped_lora(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Seque
                  dropout_p: float = 0.0, seed: int | None = None) -> list[torch.Tensor]:
     """Outputs of G LoRA linears sharing input x [..., d_in]: a list of G tensors [..., d_out_i].
 
-    weights[i] [d_out_i, d_in], biases[i] [d_out_i] or None, lora_a[i] [r_i, d_in] (r_i >= 1),
-    lora_b[i] [d_out_i, r_i], scales[i] a float. Dropout with probability dropout_p is applied to
+    weights[i] [d_out_i, d_in], biases[i] [d_out_i] or None (x's dtype), lora_a[i] [r_i, d_in]
+    (r_i >= 1), lora_b[i] [d_out_i, r_i] (all factors of one float dtype, x's or another, e.g.
+    float32 factors under a bf16 x), scales[i] a float. Dropout with probability dropout_p is applied to
     the LoRA branch's input (one mask shared by the group); `seed` fixes the mask (None: drawn
     from torch's global RNG, so torch.manual_seed makes runs repeat). Differentiable in x, the
     LoRA factors, and W and b when they require grad. On CUDA the outputs are column views of one
@@ -94,13 +101,19 @@ def _check_group(x, weights, biases, lora_a, lora_b, scales, dropout_p, seed) ->
     for name, value in lists.items():
         if len(value) != groups:
             raise ValueError(f"{name} must have one entry per layer ({groups} like weights), got {len(value)}")
+    check_tensor("lora_a[0]", lora_a[0], dtypes=FLOAT_DTYPES)
+    # Under autocast the op casts its inputs to one dtype first (as for F.linear): any mix is fine.
+    check_dtypes = not torch.is_autocast_enabled(x.device.type)
     for i in range(groups):
         w = check_tensor(f"weights[{i}]", weights[i], ndim=2)
         a = check_tensor(f"lora_a[{i}]", lora_a[i], ndim=2)
         b = check_tensor(f"lora_b[{i}]", lora_b[i], ndim=2)
         for name, t in (("weights", w), ("lora_a", a), ("lora_b", b)):
-            for attr in ("dtype", "device"):
-                _check_like_x(name, i, t, x, attr)
+            check_same(name, i, t, x, "device", "x")
+        if check_dtypes:
+            check_same("weights", i, w, x, "dtype", "x")
+            for name, t in (("lora_a", a), ("lora_b", b)):
+                check_same(name, i, t, lora_a[0], "dtype", "lora_a[0]")
         d_out, rank = w.shape[0], a.shape[0]
         if w.shape[1] != d_in:
             raise ValueError(f"weights[{i}] must be [d_out, d_in={d_in}] like x's last dim, got {tuple(w.shape)}")
@@ -113,8 +126,8 @@ def _check_group(x, weights, biases, lora_a, lora_b, scales, dropout_p, seed) ->
                              f"lora_a[{i}], got {tuple(b.shape)}")
         if biases[i] is not None:
             bias = check_tensor(f"biases[{i}]", biases[i], ndim=1)
-            for attr in ("dtype", "device"):
-                _check_like_x("biases", i, bias, x, attr)
+            for attr in ("dtype", "device") if check_dtypes else ("device",):
+                check_same("biases", i, bias, x, attr, "x")
             if bias.shape[0] != d_out:
                 raise ValueError(f"biases[{i}] must be [d_out={d_out}] or None, got {tuple(bias.shape)}")
         scale = scales[i]
@@ -128,13 +141,6 @@ def _check_group(x, weights, biases, lora_a, lora_b, scales, dropout_p, seed) ->
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-
-
-def _check_like_x(name: str, index: int, value: torch.Tensor, x: torch.Tensor, attr: str) -> None:
-    got, want = getattr(value, attr), getattr(x, attr)
-    if got != want:
-        error = TypeError if attr == "dtype" else ValueError
-        raise error(f"{name}[{index}] has {attr} {got}, expected {want} like x")
 
 
 # ----------------------------------------------------------------------------- the two custom ops
@@ -179,6 +185,20 @@ def _dropout(t: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return t * torch.empty_like(t).bernoulli_(1.0 - p, generator=generator).mul_(1.0 / (1.0 - p))
 
 
+def _right_operand(m: torch.Tensor) -> torch.Tensor:
+    """m as the right operand of a GEMM, column-major for bf16/fp16 on CPU: oneDNN's path for a
+    row-major one is 7-12x slower on CPUs without native bf16 (benchmarks/RESULTS.md), and the
+    transposed copy costs a few percent of the GEMM. Unchanged elsewhere."""
+    if m.is_cuda or m.dtype not in (torch.bfloat16, torch.float16) or m.stride(0) == 1:
+        return m
+    return m.t().contiguous().t()
+
+
+def _as_factor_dtype(x: torch.Tensor, lora_a: list[torch.Tensor]) -> torch.Tensor:
+    """x in the factors' dtype: the LoRA branch's input, as PEFT casts it."""
+    return x.to(lora_a[0].dtype)
+
+
 def _ranks_and_outs(lora_b: list[torch.Tensor]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(b.shape[1] for b in lora_b), tuple(b.shape[0] for b in lora_b)
 
@@ -216,8 +236,9 @@ def _grouped_forward(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.T
     """[Y, S] with Y [N, sum d_out] on the Triton path, [Y_0, .., Y_{G-1}, S] on CPU; S = drop(x) A_cat^T.
 
     weights: one [d_out_i, d_in] per layer, or the group's [sum d_out, d_in] stack as one tensor.
+    Y in x's dtype, S in the factors' dtype.
     """
-    s = torch.mm(_dropout(x, dropout_p, seed), _pack_a(lora_a).t())
+    s = torch.mm(_dropout(_as_factor_dtype(x, lora_a), dropout_p, seed), _pack_a(lora_a).t())
     if stacks_outputs(x):
         from slora_kernels.triton.lora_kernels import lora_expand_
 
@@ -232,13 +253,16 @@ def _grouped_forward(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.T
     layers = zip(layer_weights, layer_biases, s.split(ranks, dim=1), lora_b, scales)
     for w, b, s_i, lora_b_i, scale in layers:
         y = torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
-        ys.append(y.addmm_(s_i, lora_b_i.t(), alpha=scale))
+        if y.dtype == s.dtype:
+            ys.append(y.addmm_(s_i, lora_b_i.t(), alpha=scale))
+        else:  # PEFT's mixed-dtype sum: computed in the wider dtype, rounded once into y's
+            ys.append(y.add_(torch.mm(s_i, lora_b_i.t()), alpha=scale))
     return [*ys, s]
 
 
 @_grouped_forward.register_fake
 def _grouped_forward_fake(x, weights, bias, lora_a, lora_b, scales, dropout_p, seed):
-    s = x.new_empty((x.shape[0], sum(a.shape[0] for a in lora_a)))
+    s = lora_a[0].new_empty((x.shape[0], sum(a.shape[0] for a in lora_a)))
     d_outs = [b.shape[0] for b in lora_b]
     d_outs = [sum(d_outs)] if stacks_outputs(x) else d_outs
     return [*(x.new_empty((x.shape[0], d)) for d in d_outs), s]
@@ -249,7 +273,8 @@ def _grouped_backward(grad_ys: list[torch.Tensor], x: torch.Tensor, weights: lis
                       lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], s: torch.Tensor, scales: list[float],
                       dropout_p: float, seed: int, need_x: bool, need_weight: bool) -> list[torch.Tensor]:
     """[dx, dW_cat, dA_0.., dB_0..] from the forward's output gradients (one, or one per layer);
-    dx / dW_cat are empty when not needed."""
+    dx / dW_cat are empty when not needed. The factors' gradients are taken in their dtype (dY cast
+    to it, as autograd does through PEFT's mixed-dtype sum), dx in x's."""
     ranks, d_outs = _ranks_and_outs(lora_b)
     if stacks_outputs(x):
         from slora_kernels.triton.lora_kernels import lora_grad_b, lora_grad_s
@@ -262,15 +287,16 @@ def _grouped_backward(grad_ys: list[torch.Tensor], x: torch.Tensor, weights: lis
     else:
         grad_b, ds_parts = [], []
         for dy, b, s_i, scale in zip(grad_ys, lora_b, s.split(ranks, dim=1), scales):
-            ds_parts.append(torch.mm(dy, b * scale))
+            dy = dy.to(s.dtype)
+            ds_parts.append(torch.mm(dy, _right_operand(b * scale)))
             grad_b.append(torch.mm(dy.t(), s_i).mul_(scale))
         ds = ds_parts[0] if len(ds_parts) == 1 else torch.cat(ds_parts, dim=1)
-    grad_a = torch.mm(ds.t(), _dropout(x, dropout_p, seed))
+    grad_a = torch.mm(ds.t(), _dropout(_as_factor_dtype(x, lora_a), dropout_p, seed))
     blocks = _blocks(grad_ys, weights, d_outs)
     if need_x:
-        grad_x = _dropout(torch.mm(ds, _pack_a(lora_a)), dropout_p, seed)
+        grad_x = _dropout(torch.mm(ds, _right_operand(_pack_a(lora_a))), dropout_p, seed).to(x.dtype)
         for dy, w in blocks:
-            grad_x.addmm_(dy, w)
+            grad_x.addmm_(dy, _right_operand(w))
     else:
         grad_x = x.new_empty(0)
     grad_weight = torch.cat([torch.mm(dy.t(), x) for dy, _ in blocks]) if need_weight else x.new_empty(0)
@@ -306,3 +332,35 @@ def _backward(ctx, grads):
 
 
 _grouped_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- autocast
+# torch.library.register_autocast fixes one dtype at registration; users pick bf16 or fp16 per
+# region, so these kernels read the region's dtype and cast as autocast casts F.linear's inputs.
+_AUTOCAST_LIBRARY = torch.library.Library("slora", "IMPL")
+
+
+def _autocast_cast(value, device_type: str, dtype: torch.dtype):
+    if isinstance(value, torch.Tensor):
+        eligible = value.is_floating_point() and value.device.type == device_type and value.dtype != torch.float64
+        return value.to(dtype) if eligible else value
+    if isinstance(value, list):
+        return [_autocast_cast(v, device_type, dtype) for v in value]
+    return value
+
+
+def _register_autocast(op: torch._ops.OpOverload, device_type: str) -> None:
+    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key_name))
+
+    def kernel(_keyset, *args):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return op(*(_autocast_cast(a, device_type, dtype) for a in args))
+
+    _AUTOCAST_LIBRARY.impl(op.__name__.split(".")[0], kernel, key_name, with_keyset=True)
+
+
+for _op in (torch.ops.slora.grouped_lora_forward.default, torch.ops.slora.grouped_lora_backward.default):
+    for _device_type in ("cpu", "cuda"):
+        _register_autocast(_op, _device_type)

@@ -1,12 +1,17 @@
 """Segmented variable-rank LoRA kernels for a group of G layers that share one input.
 
-Layout (see DESIGN.md): S [N, R] holds the shrink of every layer side by side (layer i in columns
+Layout: S [N, R] holds the shrink of every layer side by side (layer i in columns
 rank_offset_i .. + r_i, R = sum r_i, no padding), Y [N, D] the outputs side by side (layer i in
 columns col_offset_i .. + d_out_i), and the B factors are flattened back to back into one 1-D
 buffer (B_i row-major [d_out_i, r_i] from element b_offset_i). A tile table maps every program
 to (layer, first output column, first rank); each program loops over the real r_i in chunks of
 BLOCK_R = 16, masked, so a layer pads to a multiple of 16 inside its tiles and never to the
 group's largest rank.
+
+Dtypes: S and B share the factors' dtype; Y / dY may be another (a bf16 base under float32
+factors, PEFT's default). Products run in the factors' dtype (dY cast to it on load, as autograd
+casts it for PEFT's mixed-dtype sum), accumulate in float32 (float64 for float64 operands), and
+Y is updated with one rounding into its own dtype.
 
 Kernels (launch helpers below, each takes the layout from `segment_layout`):
 - expand:  Y[:, cols_i] += s_i * S_i B_i^T          (the LoRA epilogue on the base output)
@@ -116,7 +121,7 @@ def _grad_s_kernel(dy_ptr, b_ptr, ds_ptr, meta_ptr, scale_ptr, tiles_ptr, n_toke
     for n in range(0, d_out, BLOCK_N):
         nn = n + tl.arange(0, BLOCK_N)
         n_ok = nn < d_out
-        dy = _load_2d(dy_ptr + col, offs_m, stride_dy, nn, 1, m_ok, n_ok)
+        dy = _load_2d(dy_ptr + col, offs_m, stride_dy, nn, 1, m_ok, n_ok).to(b_ptr.dtype.element_ty)
         b = _load_2d(b_ptr + b_off, nn, rank, kk, 1, n_ok, k_ok)
         acc += tl.dot(dy, b, input_precision="ieee", out_dtype=ACC)
     _store_2d(ds_ptr + rank_off, offs_m, stride_ds, kk, 1, m_ok, k_ok, scale * acc)
@@ -134,15 +139,15 @@ def _grad_b_kernel(dy_ptr, s_ptr, db_ptr, meta_ptr, scale_ptr, tiles_ptr, n_toke
     for m in range(0, n_tokens, BLOCK_M):
         mm = m + tl.arange(0, BLOCK_M)
         m_ok = mm < n_tokens
-        dy_t = _load_2d(dy_ptr + col, offs_n, 1, mm, stride_dy, n_ok, m_ok)
+        dy_t = _load_2d(dy_ptr + col, offs_n, 1, mm, stride_dy, n_ok, m_ok).to(s_ptr.dtype.element_ty)
         s = _load_2d(s_ptr + rank_off, mm, stride_s, kk, 1, m_ok, k_ok)
         acc += tl.dot(dy_t, s, input_precision="ieee", out_dtype=ACC)
     _store_2d(db_ptr + b_off, offs_n, rank, kk, 1, n_ok, k_ok, scale * acc)
 
 
 def _launch(kernel, grid, first, second, out, tiles, layout, scales, strides):
-    """Run one segmented kernel on (first, second) into out; first is [N, ...] (token count, dtype)."""
-    wide = first.dtype == torch.float64
+    """Run one segmented kernel on (first, second) into out; first is [N, ...] (token count)."""
+    wide = torch.float64 in (first.dtype, second.dtype, out.dtype)
     scale_t = torch.tensor(list(scales), dtype=torch.float64 if wide else torch.float32, device=out.device)
     kernel[grid](first, second, out, layout.meta, scale_t, tiles, first.shape[0], *strides,
                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, ACC=tl.float64 if wide else tl.float32)
@@ -157,14 +162,14 @@ def lora_expand_(y: torch.Tensor, s: torch.Tensor, b_flat: torch.Tensor, scales:
 
 
 def lora_grad_s(dy: torch.Tensor, b_flat: torch.Tensor, scales: Sequence[float], layout: SegmentLayout) -> torch.Tensor:
-    """dS [N, R]: dS_i = scales[i] * dY_i B_i."""
-    ds = dy.new_empty((dy.shape[0], layout.total_rank))
+    """dS [N, R] in B's dtype: dS_i = scales[i] * dY_i B_i."""
+    ds = b_flat.new_empty((dy.shape[0], layout.total_rank))
     grid = (triton.cdiv(dy.shape[0], BLOCK_M), layout.rank_tiles.shape[0])
     return _launch(_grad_s_kernel, grid, dy, b_flat, ds, layout.rank_tiles, layout, scales, (dy.stride(0), ds.stride(0)))
 
 
 def lora_grad_b(dy: torch.Tensor, s: torch.Tensor, scales: Sequence[float], layout: SegmentLayout) -> torch.Tensor:
-    """dB flat like the packed B: dB_i = scales[i] * dY_i^T S_i."""
-    db = dy.new_empty((layout.b_numel,))
+    """dB flat like the packed B, in S's dtype: dB_i = scales[i] * dY_i^T S_i."""
+    db = s.new_empty((layout.b_numel,))
     return _launch(_grad_b_kernel, (layout.grad_b_tiles.shape[0],), dy, s, db, layout.grad_b_tiles, layout, scales,
                    (dy.stride(0), s.stride(0)))

@@ -1,0 +1,77 @@
+"""Counting which forward calls of fused LoRA layers took the fused path, and why the others did not.
+
+A fused layer falls back to PEFT's own forward whenever the fused op would not compute exactly what
+PEFT computes; the reasons, by name:
+
+- "disabled": adapters disabled (`with model.disable_adapter()`), PEFT runs the base layer alone
+- "merged": the adapter is merged into the base weight
+- "multiple adapters": more than one active adapter
+- "inactive adapter": the active adapter has no LoRA factors in this layer
+- "variant": a LoRA variant (DoRA, ...) or lora_bias on the active adapter
+- "dtype": dtypes the op does not combine (x unlike the base weight outside autocast, A unlike B,
+  or PEFT's input casting disabled while x and the factors differ)
+- "dropout": a lora_dropout module other than torch.nn.Dropout / Identity
+- "arguments": extra forward arguments, e.g. PEFT's mixed-batch `adapter_names`
+- "hooks": forward hooks (or an accelerate hook) on base_layer, lora_A or lora_B, which the fused
+  op, reading their weights directly, would skip
+
+Calls traced by torch.compile are not counted: a Python counter inside a compiled region would be
+frozen into the graph (or force a recompile on every call).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+
+@dataclass
+class FusionStats:
+    """Forward calls of a model's fused LoRA layers since `fuse()` or the last reset."""
+
+    fused: int = 0
+    fallback: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def calls(self) -> int:
+        return self.fused + sum(self.fallback.values())
+
+    @property
+    def fused_fraction(self) -> float:
+        """Share of calls that took the fused path (1.0 when there were none yet)."""
+        return self.fused / self.calls if self.calls else 1.0
+
+    def __str__(self) -> str:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.fallback.items())) or "none"
+        return (f"{self.fused} of {self.calls} LoRA layer calls fused ({100 * self.fused_fraction:.1f}%); "
+                f"fallbacks: {reasons}")
+
+
+class FusionRecorder:
+    """The live counters of one fused model, shared by all its groups; warns once per fallback
+    reason seen on a layer's first call (a layer that is never fused as set up)."""
+
+    def __init__(self, layer_names: dict[int, str]):
+        self.layer_names = layer_names
+        self.stats = FusionStats()
+        self._not_yet_called = set(layer_names)
+        self._warned: set[str] = set()
+
+    def fused(self, layer: object) -> None:
+        self.stats.fused += 1
+        self._not_yet_called.discard(id(layer))
+
+    def fell_back(self, layer: object, reason: str) -> None:
+        self.stats.fallback[reason] = self.stats.fallback.get(reason, 0) + 1
+        if id(layer) in self._not_yet_called:
+            self._not_yet_called.discard(id(layer))
+            if reason not in self._warned:
+                self._warned.add(reason)
+                warnings.warn(f"slora_kernels: {self.layer_names[id(layer)]} runs PEFT's own forward, not the "
+                              f"fused one ({reason}); slora_kernels.fusion_stats(model) counts every fallback",
+                              stacklevel=4)
+
+    def snapshot(self, reset: bool = False) -> FusionStats:
+        stats = FusionStats(self.stats.fused, dict(self.stats.fallback))
+        if reset:
+            self.stats = FusionStats()
+        return stats
