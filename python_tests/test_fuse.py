@@ -13,7 +13,7 @@ from lora_helpers import batch, logits_and_grads, lora_model, random_pattern, ra
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners import lora
 
-from slora_kernels import fuse, unfuse
+from slora_kernels import fuse, fusion_stats, unfuse
 from slora_kernels.defaults import load_minilm_classifier, load_smollm2
 from slora_kernels.nn import FusedLoraLinear
 
@@ -227,7 +227,8 @@ def test_smollm2_fused_equals_peft_and_saves_stock_adapter(smollm2, tmp_path):
 
 
 def test_compiled_fused_model_is_one_graph_and_equals_stock_peft():
-    """torch.compile of a fused model: PEFT's forward inside the graph (no graph break), same numbers."""
+    """torch.compile of a fused model: PEFT's forward inside the graph (no graph break, also under
+    autocast), same numbers; calls inside the compiled region are not counted."""
     fused = tiny_fused_bert()
     stock = unfuse(copy.deepcopy(fused))
     ids, labels = batch()
@@ -235,11 +236,17 @@ def test_compiled_fused_model_is_one_graph_and_equals_stock_peft():
     explained = torch._dynamo.explain(fused)(input_ids=ids, labels=labels)
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
     torch._dynamo.reset()
-    compiled = torch.compile(fused, backend="aot_eager")
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
     for model in (compiled, stock):
         model.zero_grad()
         model(input_ids=ids, labels=labels).loss.backward()
+    assert fusion_stats(fused).calls == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(fused)(input_ids=ids, labels=labels)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
     eager_logits = fused(input_ids=ids, labels=labels).logits  # eager again: the fused path is back
+    assert fusion_stats(fused).fused == 13
     torch.testing.assert_close(eager_logits, stock(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
     grads = {n: p.grad for n, p in stock.named_parameters() if "lora_" in n}
     assert len(grads) == 26

@@ -8,10 +8,11 @@ they are called with that same, unmodified tensor. The fused path covers PEFT's 
 fp16 base with float32 factors, one dtype throughout), torch.autocast, no_grad and inference_mode;
 whatever it does not cover runs PEFT's own forward, counted by reason (`slora_kernels.nn.stats`).
 
-Two cases compute each layer on its own (still fused, without the group's shared shrink):
-inference tensors, which have no version counter, so nothing could prove that a cached output
-still belongs to the tensor a later layer is called with; and torch.compile, whose traced graph
-cannot follow tensor identity across module calls.
+Inference tensors have no version counter, so nothing could prove that a cached output still
+belongs to the tensor a later layer is called with: there each layer runs its own fused call.
+Under torch.compile the layers run PEFT's own forward, which the compiler traces and fuses whole
+(one graph, no break): per-layer fused calls measured no faster there (benchmarks/RESULTS.md), and
+the group's tensor-identity cache is not traceable.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ class LoraGroup:
     def output(self, layer: FusedLoraLinear, x: torch.Tensor) -> torch.Tensor | None:
         """Layer's output for x, or None when the fused path does not apply (the caller runs PEFT's)."""
         if torch.compiler.is_compiling():
-            return self._compute([layer], x, layer.fused_key(x))[0] if layer.fallback_reason(x) is None else None
+            return None  # PEFT's forward, traced whole (see the module docstring)
         reason = layer.fallback_reason(x)
         if reason is not None:
             self.recorder.fell_back(layer, reason)
