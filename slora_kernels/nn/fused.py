@@ -78,10 +78,9 @@ class LoraGroup:
         """The members' outputs for x, one grouped_lora call; key is their common `fused_key`."""
         adapter, dropout_p = key[0], key[1]
         weights, bias = self._base(members)
-        outputs = grouped_lora_unchecked(
+        return grouped_lora_unchecked(
             x, weights, bias, [m.lora_A[adapter].weight for m in members], [m.lora_B[adapter].weight for m in members],
             [m.scaling[adapter] for m in members], dropout_p=dropout_p)
-        return outputs
 
     def _base(self, members: list[FusedLoraLinear]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """The members' base weights (one per layer, or [W_cat] where the op stacks: CUDA) and stacked bias.

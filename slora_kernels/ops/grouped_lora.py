@@ -361,6 +361,10 @@ def _register_autocast(op: torch._ops.OpOverload, device_type: str) -> None:
     _AUTOCAST_LIBRARY.impl(op.__name__.split(".")[0], kernel, key_name, with_keyset=True)
 
 
-for _op in (torch.ops.slora.grouped_lora_forward.default, torch.ops.slora.grouped_lora_backward.default):
-    for _device_type in ("cpu", "cuda"):
-        _register_autocast(_op, _device_type)
+def _register_autocast_rules() -> None:
+    for op in (torch.ops.slora.grouped_lora_forward.default, torch.ops.slora.grouped_lora_backward.default):
+        for device_type in ("cpu", "cuda"):
+            _register_autocast(op, device_type)
+
+
+_register_autocast_rules()
