@@ -18,7 +18,7 @@ import time
 import torch
 
 from slora_kernels import allocate_ranks, estimate_sensitivity
-from slora_kernels.defaults import load_minilm_classifier, rotten_tomatoes
+from slora_kernels.app.defaults import load_minilm_classifier, rotten_tomatoes
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 

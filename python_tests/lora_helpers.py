@@ -4,7 +4,7 @@ import random
 import torch
 from peft import LoraConfig, get_peft_model
 
-from slora_kernels import _hash_dropout as hash_dropout
+from slora_kernels.ops import _hash_dropout as hash_dropout
 from slora_kernels import fuse
 
 

@@ -45,7 +45,7 @@ def test_analyze_writes_report_stock_config_and_plot(analyzed):
 def test_train_from_report_saves_a_stock_peft_adapter(tmp_path, data, analyzed):
     from peft import PeftModel
 
-    from slora_kernels.defaults import load_minilm_classifier
+    from slora_kernels.app.defaults import load_minilm_classifier
 
     out = tmp_path / "run"
     result = slora("train", "--data", data, "--ranks", analyzed[0] / "sensitivity.json", "--max-steps", 1,

@@ -1,5 +1,5 @@
 """slora::dropout, the counter-based CPU dropout behind grouped_lora: bit-exact against its plain-torch
-definition (slora_kernels/_hash_dropout.py), nn.Dropout's distribution, repeatable from the seed alone."""
+definition (slora_kernels/ops/_hash_dropout.py), nn.Dropout's distribution, repeatable from the seed alone."""
 import math
 import os
 import subprocess
@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from slora_kernels import _hash_dropout as hash_dropout
+from slora_kernels.ops import _hash_dropout as hash_dropout
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 

@@ -1,5 +1,5 @@
 """The rank picture: grid layout from module names, unambiguous column labels, a real PNG."""
-from slora_kernels.plotting import plot_ranks, rank_grid, short_labels
+from slora_kernels.app.plotting import plot_ranks, rank_grid, short_labels
 
 BERT = {f"bert.encoder.layer.{i}.{t}": 1 + i + j for i in range(2) for j, t in enumerate(
     ["attention.self.query", "attention.output.dense", "intermediate.dense", "output.dense"])}

@@ -11,7 +11,7 @@ SNIPPETS = 512
 
 @pytest.fixture(scope="module")
 def minilm():
-    from slora_kernels.defaults import load_minilm_classifier, rotten_tomatoes
+    from slora_kernels.app.defaults import load_minilm_classifier, rotten_tomatoes
 
     model, tokenizer = load_minilm_classifier()
     train, _ = rotten_tomatoes()

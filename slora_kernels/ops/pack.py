@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from slora_kernels import _extension  # noqa: F401  (registers torch.ops.slora.*)
+from slora_kernels.ops import _extension  # noqa: F401  (registers torch.ops.slora.*)
 from slora_kernels.ops._checks import check_positive_int, check_same, check_tensor
 
 PACKABLE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slora_kernels.defaults import load_minilm_classifier, load_smollm2
+from slora_kernels.app.defaults import load_minilm_classifier, load_smollm2
 
 EMBEDDED_MODELS = ("minilm", "smollm2")
 # Every nn.Linear inside a numbered transformer block (BERT "layer.3.", Llama "layers.3."): the

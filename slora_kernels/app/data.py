@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from slora_kernels.defaults import ROTTEN_TOMATOES_LABELS, rotten_tomatoes
+from slora_kernels.app.defaults import ROTTEN_TOMATOES_LABELS, rotten_tomatoes
 
 EMBEDDED_DATA = "rotten_tomatoes"
 DEFAULT_LABEL_COLUMN = "label"

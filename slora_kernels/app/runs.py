@@ -11,9 +11,9 @@ from pathlib import Path
 
 from torch import nn
 
-from slora_kernels.adapters import adalora_config, attach, lora_parameter_count, sensitivity_config, uniform_config
-from slora_kernels.data import Dataset, Examples
-from slora_kernels.training import TrainConfig, batches, evaluate, train
+from slora_kernels.app.adapters import adalora_config, attach, lora_parameter_count, sensitivity_config, uniform_config
+from slora_kernels.app.data import Dataset, Examples
+from slora_kernels.app.training import TrainConfig, batches, evaluate, train
 
 RANK_CHOICES = ("uniform", "sensitivity", "adalora")
 
@@ -37,7 +37,7 @@ class RunResult:
 def calibrate(model: nn.Module, tokenizer, examples: Examples, targets: list[str], estimator: str,
               batch_size: int, max_length: int, progress: bool = True):
     """The SensitivityReport of `targets` over `examples` (labels included: Fisher needs them)."""
-    from slora_kernels import estimate_sensitivity
+    from slora_kernels.sensitivity import estimate_sensitivity
 
     return estimate_sensitivity(model, batches(tokenizer, examples, batch_size, max_length),
                                 target_modules=targets, estimator=estimator, progress=progress)

@@ -12,8 +12,8 @@ import warnings
 from pathlib import Path
 
 from slora_kernels._version import __version__
-from slora_kernels.data import EMBEDDED_DATA, DataError
-from slora_kernels.models import DEFAULT_TARGETS, EMBEDDED_MODELS, ModelError
+from slora_kernels.app.data import EMBEDDED_DATA, DataError
+from slora_kernels.app.models import DEFAULT_TARGETS, EMBEDDED_MODELS, ModelError
 
 ESTIMATORS = ("activation", "fisher", "hutchinson")
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_args(args)
         created = _out_dir(args.out, args.overwrite)
-        from slora_kernels import commands
+        from slora_kernels.app import commands
 
         getattr(commands, args.command)(args)
         return 0
