@@ -18,14 +18,15 @@ import time
 import torch
 
 from slora_kernels import allocate_ranks, estimate_sensitivity
-from slora_kernels.app.defaults import load_minilm_classifier, rotten_tomatoes
+from slora_kernels.app.data import rotten_tomatoes
+from slora_kernels.app.defaults import load_minilm_classifier
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
 
 def calibration_batches(tokenizer, snippets: int, batch_size: int, max_length: int) -> list[dict]:
     train, _ = rotten_tomatoes()
-    split = train.take(snippets)
+    split = train.head(snippets)
     batches = []
     for i in range(0, snippets, batch_size):
         enc = dict(tokenizer(split.texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,

@@ -11,11 +11,12 @@ SNIPPETS = 512
 
 @pytest.fixture(scope="module")
 def minilm():
-    from slora_kernels.app.defaults import load_minilm_classifier, rotten_tomatoes
+    from slora_kernels.app.data import rotten_tomatoes
+    from slora_kernels.app.defaults import load_minilm_classifier
 
     model, tokenizer = load_minilm_classifier()
     train, _ = rotten_tomatoes()
-    return model, tokenizer, train.take(SNIPPETS)
+    return model, tokenizer, train.head(SNIPPETS)
 
 
 def batches(tokenizer, split, indices, batch_size=32):

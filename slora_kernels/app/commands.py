@@ -9,6 +9,7 @@ import json
 import time
 from pathlib import Path
 
+from slora_kernels.app import RANK_CHOICES
 from slora_kernels.app.adapters import sensitivity_config
 from slora_kernels.app.data import Dataset, load_dataset
 from slora_kernels.app.models import linear_targets, load_model
@@ -72,7 +73,7 @@ def analyze(args: argparse.Namespace) -> None:
 def train(args: argparse.Namespace) -> None:
     dataset, task = _dataset(args)
     report, method = None, args.ranks
-    if method not in ("uniform", "sensitivity", "adalora"):
+    if method not in RANK_CHOICES:
         from slora_kernels.sensitivity import SensitivityReport
 
         report, method = SensitivityReport.from_json(args.ranks), "sensitivity"

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from slora_kernels.ops._checks import check_positive_int, check_tensor
+from slora_kernels.ops.utils import check_int, check_tensor
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def metrics(diag: torch.Tensor, *, repeat: int = 1, topk_fraction: float = 0.5, 
     that carries mass: its effective rank is 0 (the formula's ratio would be 0/0).
     """
     check_tensor("diag", diag, ndim=(1, 2))
-    check_positive_int("repeat", repeat)
+    check_int("repeat", repeat)
     topk_fraction = _check_fraction("topk_fraction", topk_fraction)
     alpha = _check_fraction("alpha", alpha)
     if diag.numel() == 0:
