@@ -1,4 +1,4 @@
-"""Step 4 of METHOD.md: integer LoRA ranks from sensitivities under an exact budget.
+"""Step 4 of the method (README, "The method"): integer LoRA ranks from sensitivities under an exact budget.
 
 SRA (the paper): rank proportional to theta. The paper does not say how to round; here the
 continuous ranks are clamped to [min_rank, max_rank] by water-filling (what clamping frees or

@@ -11,7 +11,7 @@ Devices: CUDA tensors take one base GEMM over the stacked W (the layers side by 
 slices of the stacked W (as fast as one GEMM there) into separate outputs, each then
 `addmm_`-ed with its expand, so the backward receives separate output gradients.
 
-Backward (DESIGN.md): dB_i = s_i dY_i^T S_i, dS_i = s_i dY_i B_i, dA_cat = dS^T drop(x) (one GEMM),
+Backward: dB_i = s_i dY_i^T S_i, dS_i = s_i dY_i B_i, dA_cat = dS^T drop(x) (one GEMM),
 dx = sum_i dY_i W_i + drop(dS A_cat). S is saved; drop(x) is not: the mask is a function of `seed` and
 is drawn again, bit for bit, in the backward. On CPU it comes from the extension's counter-based
 `slora::dropout` (each element's bit a hash of (seed, index): parallel, ~8x faster than torch's

@@ -1,4 +1,4 @@
-"""Public accumulation ops for the sensitivity estimators (DESIGN.md, "Kernels and their contracts").
+"""Public accumulation ops for the sensitivity estimators: the squares and products behind step 1.
 
 CUDA tensors go to the fused Triton kernels (slora_kernels.triton.sensitivity_kernels); CPU
 tensors take a plain PyTorch path in fp32 (squares materialised, per-sample gradients built in

@@ -1,4 +1,4 @@
-"""Step 2 of METHOD.md: trace, top-k mean and effective rank of one matrix's Hessian diagonal.
+"""Step 2 of the method (README, "The method"): trace, top-k mean and effective rank of one matrix's Hessian diagonal.
 
 The per-parameter layout counts each input-feature entry d_out times. `repeat` handles that
 exactly: the sorted repeated sequence is the sorted unique sequence with every entry counted
