@@ -27,8 +27,9 @@ def _extensions():
     try:
         import torch
     except ImportError:
-        raise SystemExit("slora_kernels compiles against your installed torch: run `pip install --no-build-isolation .` "
-                         "after installing torch (or SLORA_BUILD=none pip install . to skip the extension)") from None
+        raise SystemExit("slora_kernels compiles against your installed torch: run "
+                         "`pip install --no-build-isolation .` after installing torch "
+                         "(or SLORA_BUILD=none pip install . to skip the extension)") from None
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     cuda_possible = torch.version.cuda is not None and CUDA_HOME is not None

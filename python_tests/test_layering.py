@@ -39,6 +39,7 @@ def test_imports_are_found():
 
 def test_library_never_imports_the_application():
     # __main__.py is the `python -m slora_kernels` entry point: it runs the CLI, it is not library.
-    offenders = {str(p.relative_to(PACKAGE)): sorted(m for m in _imported_modules(p) if m == APP or m.startswith(APP + "."))
+    offenders = {str(p.relative_to(PACKAGE)): sorted(m for m in _imported_modules(p)
+                                                     if m == APP or m.startswith(APP + "."))
                  for p in _library_files() if p.name != "__main__.py"}
     assert {k: v for k, v in offenders.items() if v} == {}

@@ -33,7 +33,8 @@ def test_one_version_for_the_package_the_build_and_the_cli():
     built = _setup_py("--version", SLORA_BUILD="none")
     assert built.returncode == 0, built.stderr
     assert built.stdout.strip().splitlines()[-1] == slora_kernels.__version__
-    cli = subprocess.run([sys.executable, "-m", "slora_kernels", "--version"], capture_output=True, text=True, check=True)
+    cli = subprocess.run([sys.executable, "-m", "slora_kernels", "--version"], capture_output=True, text=True,
+                         check=True)
     assert cli.stdout.strip() == f"slora_kernels {slora_kernels.__version__}"
 
 

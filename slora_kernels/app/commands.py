@@ -17,7 +17,8 @@ from slora_kernels.app.plotting import plot_ranks, rank_grid, short_labels
 from slora_kernels.app.runs import RunResult, calibrate, run
 from slora_kernels.app.training import TrainConfig
 
-# The demo: the setting of the accuracy study (benchmarks/RESULTS.md), and a slice of it that runs in well under 2 minutes.
+# The demo: the setting of the accuracy study (benchmarks/RESULTS.md), and a slice of it that runs in
+# well under 2 minutes.
 DEMO_FULL = {"train": 4000, "eval": 1000, "epochs": 2, "calib": 512, "max_length": 128}
 DEMO_QUICK = {"train": 128, "eval": 128, "epochs": 1, "calib": 32, "max_length": 32}
 DEMO_AVG_RANK = 4
