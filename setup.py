@@ -6,6 +6,9 @@ SLORA_BUILD selects what is built:
   cpu             C++ CPU extension only
   none            no extension; the package falls back to its PyTorch path
 TORCH_CUDA_ARCH_LIST is honoured; it defaults to "8.0;9.0".
+
+The extension is compiled against the torch already installed, so torch is not a build requirement:
+a build in pip's isolated environment (no torch there) stops at once and says what to run.
 """
 import os
 
@@ -21,7 +24,12 @@ def _extensions():
     if mode == "none":
         return [], {}
 
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit("slora_kernels compiles against your installed torch: run "
+                         "`pip install --no-build-isolation .` after installing torch "
+                         "(or SLORA_BUILD=none pip install . to skip the extension)") from None
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     cuda_possible = torch.version.cuda is not None and CUDA_HOME is not None

@@ -16,10 +16,10 @@ import json
 import statistics
 from pathlib import Path
 
-from slora_kernels.data import Dataset, load_dataset
-from slora_kernels.models import linear_targets, load_model
-from slora_kernels.runs import RunResult, run
-from slora_kernels.training import TrainConfig, evaluate, train
+from slora_kernels.app.data import Dataset, load_dataset
+from slora_kernels.app.models import linear_targets, load_model
+from slora_kernels.app.runs import RunResult, run
+from slora_kernels.app.training import TrainConfig, evaluate, train
 
 METHODS = {  # name -> (rank choice, estimator)
     "uniform": ("uniform", "activation"),

@@ -18,21 +18,16 @@ import time
 import torch
 
 from slora_kernels import allocate_ranks, estimate_sensitivity
-from slora_kernels.defaults import load_minilm_classifier, rotten_tomatoes
+from slora_kernels.app.data import rotten_tomatoes
+from slora_kernels.app.defaults import load_minilm_classifier
+from slora_kernels.app.training import batches as tokenised_batches
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
 
 def calibration_batches(tokenizer, snippets: int, batch_size: int, max_length: int) -> list[dict]:
     train, _ = rotten_tomatoes()
-    split = train.take(snippets)
-    batches = []
-    for i in range(0, snippets, batch_size):
-        enc = dict(tokenizer(split.texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
-                             return_tensors="pt"))
-        enc["labels"] = torch.tensor(split.labels[i:i + batch_size])
-        batches.append(enc)
-    return batches
+    return list(tokenised_batches(tokenizer, train.head(snippets), batch_size, max_length))
 
 
 def timed(fn) -> float:

@@ -23,7 +23,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from slora_kernels import fuse, fusion_stats
-from slora_kernels.defaults import load_minilm_classifier, load_smollm2
+from slora_kernels.app.defaults import load_minilm_classifier, load_smollm2
 
 SETUPS = {
     # name: (loader, target modules, batch, tokens)

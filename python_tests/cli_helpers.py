@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from slora_kernels.defaults import rotten_tomatoes
+from slora_kernels.app.data import rotten_tomatoes
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 

@@ -4,7 +4,7 @@ import random
 import torch
 from peft import LoraConfig, get_peft_model
 
-from slora_kernels import _hash_dropout as hash_dropout
+from slora_kernels.ops import _hash_dropout as hash_dropout
 from slora_kernels import fuse
 
 
@@ -93,9 +93,7 @@ def tiny_fused_bert():
                         intermediate_size=48, max_position_embeddings=32, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0)
     base = BertForSequenceClassification(config)
-    rng = random.Random(0)
-    ranks = {n: rng.randint(1, 16) for n, m in base.named_modules()
-             if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in ("query", "key", "value", "dense")}
+    ranks, _ = random_pattern(base, ("query", "key", "value", "dense"), seed=0)
     model = get_peft_model(base, LoraConfig(target_modules=["query", "key", "value", "dense"], rank_pattern=ranks,
                                             modules_to_save=["classifier"]))
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """Bad input to `slora`: non-zero exit, one clear line on stderr, no traceback unless --debug.
 
-Most cases call `slora_kernels.cli.main` (the console script's entry point) in-process, which
+Most cases call `slora_kernels.app.cli.main` (the console script's entry point) in-process, which
 saves a torch/transformers import per case; the tests marked slow go through a real subprocess
 so the exit code and stderr of the command are checked end to end.
 """
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from cli_helpers import slora, tiny_csv
-from slora_kernels.cli import main
+from slora_kernels.app.cli import main
 
 
 @pytest.fixture(scope="module")

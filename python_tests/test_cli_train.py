@@ -45,7 +45,8 @@ def test_analyze_writes_report_stock_config_and_plot(analyzed):
 def test_train_from_report_saves_a_stock_peft_adapter(tmp_path, data, analyzed):
     from peft import PeftModel
 
-    from slora_kernels.defaults import load_minilm_classifier
+    from slora_kernels.app.data import load_dataset
+    from slora_kernels.app.defaults import load_minilm_classifier
 
     out = tmp_path / "run"
     result = slora("train", "--data", data, "--ranks", analyzed[0] / "sensitivity.json", "--max-steps", 1,
@@ -53,12 +54,21 @@ def test_train_from_report_saves_a_stock_peft_adapter(tmp_path, data, analyzed):
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "sensitivity" and metrics["steps"] == 1 and metrics["tokens"] > 16
-    assert 0.0 <= metrics["metrics"]["accuracy"] <= 1.0 and len(metrics["ranks"]) == 36
-    assert metrics["fused"] is True
-    base, _ = load_minilm_classifier(2)
-    model = PeftModel.from_pretrained(base, str(out / "adapter"))
+    assert len(metrics["ranks"]) == 36 and metrics["fused"] is True
+    base, tokenizer = load_minilm_classifier(2)
+    model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
     loaded = {n: m.r["default"] for n, m in model.base_model.model.named_modules() if hasattr(m, "r") and m.r}
     assert loaded == metrics["ranks"]
+    # The saved adapter, one example at a time with stock PEFT layers, scores what the run reported.
+    held_out = load_dataset(str(data)).eval
+    correct, losses = 0, []
+    with torch.no_grad():
+        for text, label in zip(held_out.texts, held_out.labels):
+            logits = model(**tokenizer(text, truncation=True, max_length=32, return_tensors="pt")).logits[0]
+            correct += int(logits.argmax()) == label
+            losses.append(float(torch.nn.functional.cross_entropy(logits[None], torch.tensor([label]))))
+    assert metrics["metrics"]["accuracy"] == correct / len(held_out)
+    assert metrics["metrics"]["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-4)
     assert "accuracy" in result.stdout and "Wrote" in result.stdout
 
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from slora_kernels.data import DataError, load_dataset
+from slora_kernels.app.data import DataError, load_dataset
 
 
 def write_csv(path, rows, header=("text", "label")):

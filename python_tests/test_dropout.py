@@ -1,5 +1,5 @@
 """slora::dropout, the counter-based CPU dropout behind grouped_lora: bit-exact against its plain-torch
-definition (slora_kernels/_hash_dropout.py), nn.Dropout's distribution, repeatable from the seed alone."""
+definition (slora_kernels/ops/_hash_dropout.py), nn.Dropout's distribution, repeatable from the seed alone."""
 import math
 import os
 import subprocess
@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from slora_kernels import _hash_dropout as hash_dropout
+from slora_kernels.ops import _hash_dropout as hash_dropout
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
@@ -81,12 +81,34 @@ def test_integer_input_is_refused():
         torch.ops.slora.dropout(torch.ones(3, dtype=torch.int64), 0.1, 0)
 
 
-def test_fallback_without_extension_gives_the_same_mask(tmp_path):
+def splitmix_keep(numel: int, p: float, seed: int) -> torch.Tensor:
+    """The documented keep bits, in Python integers (no torch int64 wrap-around involved)."""
+    full = (1 << 64) - 1
+    keep = []
+    for i in range(numel):
+        z = (seed + (i // 2 + 1) * 0x9E3779B97F4A7C15) & full
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & full
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & full
+        z ^= z >> 31
+        half = z & 0xFFFFFFFF if i % 2 == 0 else z >> 32
+        keep.append((half >> 8) < math.floor((1 - p) * 2**24))
+    return torch.tensor(keep)
+
+
+@pytest.mark.parametrize("seed", [77, -12345])
+def test_kernel_and_fallback_keep_the_documented_bits(tmp_path, seed):
+    # The fallback runs in a process without the extension; both are checked against splitmix_keep.
+    p, x = 0.2, torch.arange(1.0, 1002.0)
     script = (
         "import torch, slora_kernels\n"
         "assert not slora_kernels.HAS_EXTENSION\n"
-        "torch.save(torch.ops.slora.dropout(torch.arange(1.0, 1002.0), 0.2, 77), %r)\n" % str(tmp_path / "out.pt")
+        f"torch.save(torch.ops.slora.dropout(torch.arange(1.0, 1002.0), {p}, {seed}), {str(tmp_path / 'out.pt')!r})\n"
     )
     env = dict(os.environ, SLORA_DISABLE_EXTENSION="1")
     subprocess.run([sys.executable, "-W", "ignore", "-c", script], check=True, env=env)
-    assert torch.equal(torch.load(tmp_path / "out.pt"), torch.ops.slora.dropout(torch.arange(1.0, 1002.0), 0.2, 77))
+    keep = splitmix_keep(x.numel(), p, seed)
+    assert 0.7 < keep.double().mean() < 0.9
+    expected = torch.where(keep, x / (1 - p), torch.zeros(()))
+    for got in (torch.load(tmp_path / "out.pt"), torch.ops.slora.dropout(x, p, seed)):
+        assert torch.equal(got != 0, keep)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)

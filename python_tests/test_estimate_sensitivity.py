@@ -6,8 +6,8 @@ import pytest
 import torch
 from sensitivity_toy import Toy, toy_batches, with_extra_padding
 
-from slora_kernels import SensitivityReport, estimate_sensitivity, metrics
-from slora_kernels.sensitivity.report import rank_pattern_key
+from slora_kernels import Metrics, SensitivityReport, estimate_sensitivity, metrics
+from slora_kernels.sensitivity.report import MatrixSensitivity, rank_pattern_key
 
 TARGETS = ["query", "key", "value", "up", "down", "head"]
 NAMES = [f"block.{n}" for n in TARGETS[:5]] + ["head"]
@@ -221,9 +221,23 @@ def test_ranks_budgets():
     cost = {m.name: sum(m.shape) for m in report.matrices}
     spent = sum(by_params[n] * cost[n] for n in cost)
     assert spent <= 4 * sum(cost.values()) < spent + max(cost.values())
-    assert report.ranks(4, strategy="pra", max_rank=6) == report.ranks(4, strategy="pra", max_rank=6)
     with pytest.raises(ValueError, match="budget must be 'rank' or 'params'"):
         report.ranks(4, budget="flops")
+
+
+def test_ranks_of_a_report_built_by_hand():
+    # PRA's tiers by hand: 6 matrices, average 5, 3 tiers -> 6, 6, 5, 5, 4, 4 in theta order.
+    flat = Metrics(1.0, 1.0, 1.0)
+    thetas = {"f": 0.1, "b": 0.8, "d": 0.4, "a": 0.9, "e": 0.2, "c": 0.5}
+    report = SensitivityReport([MatrixSensitivity(n, (64, 64), 10, flat, t) for n, t in thetas.items()])
+    assert report.ranks(5, strategy="pra") == {"a": 6, "b": 6, "c": 5, "d": 5, "e": 4, "f": 4}
+    # Equal theta, 8 rank units: the 2 x 64 matrix is capped at its rank 2, the wide one takes the rest.
+    capped = SensitivityReport([MatrixSensitivity("wide", (64, 64), 10, flat, 1.0),
+                                MatrixSensitivity("thin", (2, 64), 10, flat, 1.0)])
+    assert capped.ranks(4) == {"wide": 6, "thin": 2}
+    # budget="params": uniform rank 4 costs 4 * (128 + 66) = 776 parameters; thin keeps 2 (132), wide gets
+    # (776 - 132) / 128 = 5.03 -> 5 (772 spent; 6 would spend 900).
+    assert capped.ranks(4, budget="params") == {"wide": 5, "thin": 2}
 
 
 @pytest.mark.parametrize("alpha_scaling", ["constant", "rslora"])

@@ -14,7 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners import lora
 
 from slora_kernels import fuse, fusion_stats, unfuse
-from slora_kernels.defaults import load_minilm_classifier, load_smollm2
+from slora_kernels.app.defaults import load_minilm_classifier, load_smollm2
 from slora_kernels.nn import FusedLoraLinear
 
 MINILM_TARGETS = ["query", "key", "value", "dense"]

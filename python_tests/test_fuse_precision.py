@@ -16,7 +16,7 @@ import torch
 from lora_helpers import lora_model, rel_err
 
 from slora_kernels import fuse, fusion_stats
-from slora_kernels.defaults import load_minilm_classifier, load_smollm2
+from slora_kernels.app.defaults import load_minilm_classifier, load_smollm2
 
 MINILM_TARGETS = ["query", "key", "value", "dense"]
 SMOLLM2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

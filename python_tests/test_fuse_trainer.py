@@ -8,7 +8,7 @@ from lora_helpers import lora_model
 from transformers import Trainer, TrainingArguments
 
 from slora_kernels import fuse, fusion_stats
-from slora_kernels.defaults import load_minilm_classifier
+from slora_kernels.app.defaults import load_minilm_classifier
 
 STEPS, BATCH = 4, 8
 TEXTS = ["a gripping, beautifully shot film", "dull and overlong", "the plot never quite comes together",

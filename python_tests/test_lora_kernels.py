@@ -5,7 +5,6 @@ shapes stay small; the same tests run on the GPU where there is one.
 """
 import copy
 import random
-import sys
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from lora_helpers import (assert_mixed_dtype_group_matches_float64, batch, rando
                           tiny_fused_bert)
 
 from slora_kernels import unfuse
-from slora_kernels.ops import grouped_lora
+from slora_kernels.ops import grouped_lora, utils
 from slora_kernels.triton.lora_kernels import BLOCK_R, lora_expand_, lora_grad_b, lora_grad_s, segment_layout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -111,8 +110,7 @@ def test_layout_pads_each_rank_to_sixteen_not_to_the_group_max():
 @pytest.fixture
 def triton_path(monkeypatch):
     """Route the op through its Triton (CUDA) path; on CPU the kernels run in the interpreter."""
-    # (slora_kernels.ops.grouped_lora, the attribute, is the function; the module is in sys.modules)
-    monkeypatch.setattr(sys.modules["slora_kernels.ops.grouped_lora"], "_triton_path", lambda x: True)
+    monkeypatch.setattr(utils, "triton_path", lambda x: True)
 
 
 @pytest.mark.parametrize("case", range(4))

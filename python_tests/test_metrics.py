@@ -8,7 +8,7 @@ from slora_kernels import metrics
 
 
 def materialised(diag: torch.Tensor, repeat: int, topk_fraction: float, alpha: float):
-    """Reference: build the repeated sequence and apply METHOD.md's formulas literally."""
+    """Reference: build the repeated sequence and apply the method's formulas (README) literally."""
     lam = torch.sort(diag.double().reshape(-1).repeat_interleave(repeat), descending=True).values
     k = max(1, math.floor(topk_fraction * lam.numel()))
     ratios = torch.cumsum(lam, 0) / lam.sum()

@@ -14,11 +14,20 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
 def reference_pack(tensors, align):
-    offsets = pack_offsets([t.shape[0] for t in tensors], align)
-    buffer = torch.zeros(offsets[-1], tensors[0].shape[1], dtype=tensors[0].dtype)
-    for t, start in zip(tensors, offsets):
-        buffer[start : start + t.shape[0]] = t
-    return buffer, offsets
+    """Buffer and offsets written out: each segment starts at the first multiple of align after the last."""
+    offsets, rows = [0], []
+    for t in tensors:
+        rows.extend(t)
+        while len(rows) % align:
+            rows.append(torch.zeros_like(t[0]))
+        offsets.append(len(rows))
+    return torch.stack(rows), offsets
+
+
+def test_offsets_by_hand():
+    assert pack_offsets([3, 1, 6], 1) == [0, 3, 4, 10]
+    assert pack_offsets([3, 1, 6], 8) == [0, 8, 16, 24]
+    assert pack_offsets([16, 17, 1], 16) == [0, 16, 48, 64]
 
 
 def random_segments(rng: random.Random, dtype, max_segments=300, max_rank=97, max_n=1000):

@@ -1,6 +1,5 @@
 """Must-show checks on the embedded defaults: MiniLM with Rotten Tomatoes as calibration data."""
 import pytest
-import torch
 
 from slora_kernels import estimate_sensitivity
 
@@ -11,24 +10,22 @@ SNIPPETS = 512
 
 @pytest.fixture(scope="module")
 def minilm():
-    from slora_kernels.defaults import load_minilm_classifier, rotten_tomatoes
+    from slora_kernels.app.data import rotten_tomatoes
+    from slora_kernels.app.defaults import load_minilm_classifier
 
     model, tokenizer = load_minilm_classifier()
     train, _ = rotten_tomatoes()
-    return model, tokenizer, train.take(SNIPPETS)
+    return model, tokenizer, train.head(SNIPPETS)
 
 
 def batches(tokenizer, split, indices, batch_size=32):
     """Batches of similar-length snippets (less padding to compute; padding never counts anyway)."""
+    from slora_kernels.app.data import Examples
+    from slora_kernels.app.training import batches as tokenised
+
     order = sorted(indices, key=lambda i: len(split.texts[i]))
-    out = []
-    for start in range(0, len(order), batch_size):
-        part = order[start:start + batch_size]
-        enc = dict(tokenizer([split.texts[i] for i in part], padding=True, truncation=True, max_length=64,
-                             return_tensors="pt"))
-        enc["labels"] = torch.tensor([split.labels[i] for i in part])
-        out.append(enc)
-    return out
+    by_length = Examples([split.texts[i] for i in order], [split.labels[i] for i in order])
+    return list(tokenised(tokenizer, by_length, batch_size, max_length=64))
 
 
 @pytest.fixture(scope="module")

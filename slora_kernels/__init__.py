@@ -3,7 +3,7 @@
 Measure per-matrix sensitivity, allocate LoRA ranks under an exact budget, emit a stock PEFT
 LoraConfig, and train with fused variable-rank LoRA layers.
 """
-from slora_kernels._extension import HAS_EXTENSION, WITH_CUDA
+from slora_kernels.ops._extension import HAS_EXTENSION, WITH_CUDA
 from slora_kernels._version import __version__
 
 __all__ = ["HAS_EXTENSION", "WITH_CUDA", "__version__"]
@@ -17,7 +17,7 @@ __all__ += ["Metrics", "SensitivityReport", "allocate_ranks", "combine", "estima
 def __getattr__(name: str):
     # fuse / unfuse / fusion_stats need peft (several seconds to import): load them on first use only.
     if name in ("fuse", "unfuse", "fusion_stats"):
-        from slora_kernels import fusion
+        from slora_kernels.nn import fusion
 
         return getattr(fusion, name)
     raise AttributeError(f"module 'slora_kernels' has no attribute {name!r}")

@@ -1,3 +1,3 @@
-from slora_kernels.cli import main
+from slora_kernels.app.cli import main
 
 raise SystemExit(main())

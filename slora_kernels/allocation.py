@@ -1,4 +1,4 @@
-"""Step 4 of METHOD.md: integer LoRA ranks from sensitivities under an exact budget.
+"""Step 4 of the method (README, "The method"): integer LoRA ranks from sensitivities under an exact budget.
 
 SRA (the paper): rank proportional to theta. The paper does not say how to round; here the
 continuous ranks are clamped to [min_rank, max_rank] by water-filling (what clamping frees or
@@ -20,15 +20,9 @@ from typing import Literal
 
 import numpy as np
 
+from slora_kernels.ops.utils import check_int
+
 Strategy = Literal["sra", "pra"]
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _per_name(name: str, value: object, names: list[str], default: float, minimum: int) -> dict[str, float]:
@@ -39,8 +33,8 @@ def _per_name(name: str, value: object, names: list[str], default: float, minimu
         missing = [n for n in names if n not in value]
         if missing:
             raise ValueError(f"{name} has no entry for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        return {n: _check_int(f"{name}[{n!r}]", value[n], minimum) for n in names}
-    v = _check_int(name, value, minimum)
+        return {n: check_int(f"{name}[{n!r}]", value[n], minimum) for n in names}
+    v = check_int(name, value, minimum)
     return dict.fromkeys(names, v)
 
 
@@ -128,9 +122,9 @@ def allocate_ranks(theta_by_name: Mapping[str, float], total_rank: int, *, strat
         theta[n] = float(v)
     if strategy not in ("sra", "pra"):
         raise ValueError(f"strategy must be 'sra' or 'pra', got {strategy!r}")
-    _check_int("total_rank", total_rank, 1)
-    _check_int("min_rank", min_rank, 0)
-    _check_int("tiers", tiers, 1)
+    check_int("total_rank", total_rank, 1)
+    check_int("min_rank", min_rank, 0)
+    check_int("tiers", tiers, 1)
     lo = dict.fromkeys(names, float(min_rank))
     hi = _per_name("max_rank", max_rank, names, math.inf, 1)
     bad = [n for n in names if hi[n] < min_rank]

@@ -11,7 +11,7 @@ Devices: CUDA tensors take one base GEMM over the stacked W (the layers side by 
 slices of the stacked W (as fast as one GEMM there) into separate outputs, each then
 `addmm_`-ed with its expand, so the backward receives separate output gradients.
 
-Backward (DESIGN.md): dB_i = s_i dY_i^T S_i, dS_i = s_i dY_i B_i, dA_cat = dS^T drop(x) (one GEMM),
+Backward: dB_i = s_i dY_i^T S_i, dS_i = s_i dY_i B_i, dA_cat = dS^T drop(x) (one GEMM),
 dx = sum_i dY_i W_i + drop(dS A_cat). S is saved; drop(x) is not: the mask is a function of `seed` and
 is drawn again, bit for bit, in the backward. On CPU it comes from the extension's counter-based
 `slora::dropout` (each element's bit a hash of (seed, index): parallel, ~8x faster than torch's
@@ -35,10 +35,11 @@ from collections.abc import Sequence
 
 import torch
 
-from slora_kernels import _extension  # noqa: F401  (registers torch.ops.slora.pack)
-from slora_kernels.ops._checks import check_same, check_tensor
+from slora_kernels.ops import _extension  # noqa: F401  (registers torch.ops.slora.pack)
+from slora_kernels.ops import utils
+from slora_kernels.ops.pack import pack_offsets
+from slora_kernels.ops.utils import FLOAT_DTYPES, check_same, check_tensor
 
-FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 SEED_BOUND = 2**62
 
 
@@ -158,10 +159,7 @@ def _blocks(grad_ys: list[torch.Tensor], weights: list[torch.Tensor], d_outs: Se
 
 @functools.lru_cache(maxsize=256)
 def _rank_offsets(ranks: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    offsets = [0]
-    for r in ranks:
-        offsets.append(offsets[-1] + r)
-    return torch.tensor(offsets, dtype=torch.int64, device=device)
+    return torch.tensor(pack_offsets(ranks), dtype=torch.int64, device=device)
 
 
 def _pack_a(lora_a: list[torch.Tensor]) -> torch.Tensor:
@@ -210,11 +208,6 @@ def _cuda_layout(lora_b: list[torch.Tensor]):
     return segment_layout(d_outs, ranks, lora_b[0].device)
 
 
-def _triton_path(x: torch.Tensor) -> bool:
-    """CUDA tensors take the Triton kernels (tests also route CPU tensors there, in the interpreter)."""
-    return x.is_cuda
-
-
 def _flat_b(lora_b: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([b.reshape(-1) for b in lora_b])
 
@@ -226,7 +219,7 @@ def stacks_outputs(x: torch.Tensor) -> bool:
     [N, sum d_out] buffer that autograd makes for column views (a `split`'s backward is a `cat`);
     on CPU per-layer base GEMMs cost the same as one GEMM over the stacked W.
     """
-    return _triton_path(x)
+    return utils.triton_path(x)
 
 
 @torch.library.custom_op("slora::grouped_lora_forward", mutates_args=())

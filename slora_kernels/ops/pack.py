@@ -10,10 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
-from slora_kernels import _extension  # noqa: F401  (registers torch.ops.slora.*)
-from slora_kernels.ops._checks import check_positive_int, check_same, check_tensor
-
-PACKABLE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+from slora_kernels.ops import _extension  # noqa: F401  (registers torch.ops.slora.*)
+from slora_kernels.ops.utils import FLOAT_DTYPES, check_int, check_same, check_tensor
 
 
 def pack_offsets(rows: Sequence[int], align: int = 1) -> list[int]:
@@ -35,8 +33,8 @@ def pack(tensors: Sequence[torch.Tensor], align: int = 1) -> tuple[torch.Tensor,
         raise TypeError(f"tensors must be a list of 2-D tensors, got {type(tensors).__name__}")
     if len(tensors) == 0:
         raise ValueError("tensors must contain at least one tensor, got an empty list")
-    check_positive_int("align", align)
-    first = check_tensor("tensors[0]", tensors[0], ndim=2, dtypes=PACKABLE_DTYPES)
+    check_int("align", align)
+    first = check_tensor("tensors[0]", tensors[0], ndim=2, dtypes=FLOAT_DTYPES)
     for i, t in enumerate(tensors):
         check_tensor(f"tensors[{i}]", t, ndim=2)
         check_same("tensors", i, t, first, "dtype")
@@ -50,7 +48,7 @@ def pack(tensors: Sequence[torch.Tensor], align: int = 1) -> tuple[torch.Tensor,
 
 def unpack(buffer: torch.Tensor, offsets: torch.Tensor, rows: Sequence[int]) -> list[torch.Tensor]:
     """Inverse of `pack`: the K segments buffer[offsets[i] : offsets[i] + rows[i]] as new tensors."""
-    check_tensor("buffer", buffer, ndim=2, dtypes=PACKABLE_DTYPES)
+    check_tensor("buffer", buffer, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("offsets", offsets, ndim=1, dtypes=(torch.int64,))
     rows = list(rows)
     if not rows:

@@ -1,4 +1,4 @@
-"""Public accumulation ops for the sensitivity estimators (DESIGN.md, "Kernels and their contracts").
+"""Public accumulation ops for the sensitivity estimators: the squares and products behind step 1.
 
 CUDA tensors go to the fused Triton kernels (slora_kernels.triton.sensitivity_kernels); CPU
 tensors take a plain PyTorch path in fp32 (squares materialised, per-sample gradients built in
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from slora_kernels.ops._checks import check_tensor
+from slora_kernels.ops import utils
+from slora_kernels.ops.utils import check_tensor
 
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MASK_DTYPES = (torch.bool, torch.int8, torch.uint8, torch.int32, torch.int64, torch.float32)
@@ -25,11 +26,6 @@ def _check_acc(acc: object, ndim: int) -> torch.Tensor:
 def _check_device(name: str, value: torch.Tensor, acc: torch.Tensor) -> None:
     if value.device != acc.device:
         raise ValueError(f"{name} is on {value.device}, expected the device of acc ({acc.device})")
-
-
-def _triton_path(acc: torch.Tensor) -> bool:
-    """CUDA tensors take the Triton kernels (the GPU suite's dry run routes CPU tensors there too)."""
-    return acc.is_cuda
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +56,7 @@ def activation_sq_accumulate(acc: torch.Tensor, x: torch.Tensor, mask: torch.Ten
         flat_mask = mask.reshape(-1)
     if rows.shape[0] == 0:
         return acc
-    if _triton_path(acc):
+    if utils.triton_path(acc):
         from slora_kernels.triton.sensitivity_kernels import activation_sq
 
         activation_sq(acc, rows, None if flat_mask is None else (flat_mask != 0).to(torch.int8).contiguous())
@@ -100,7 +96,7 @@ def fisher_diag_accumulate(acc: torch.Tensor, x: torch.Tensor, g: torch.Tensor, 
     _check_device("g", g, acc)
     if x.shape[0] * x.shape[1] == 0:
         return acc
-    if _triton_path(acc):
+    if utils.triton_path(acc):
         from slora_kernels.triton.sensitivity_kernels import fisher_sample, fisher_token
 
         if per_sample:

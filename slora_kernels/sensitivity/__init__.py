@@ -1,4 +1,5 @@
-"""Sensitivity of each adapted weight matrix (METHOD.md Steps 1-3): collection, metrics, combination."""
+"""Sensitivity of each adapted weight matrix, steps 1-3 of the method (README, "The method"):
+collection of the Hessian diagonal, the three metrics, their combination into theta."""
 from slora_kernels.sensitivity.combine import combine
 from slora_kernels.sensitivity.estimate import estimate_sensitivity
 from slora_kernels.sensitivity.metrics import Metrics, metrics

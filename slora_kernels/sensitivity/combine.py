@@ -1,4 +1,5 @@
-"""Step 3 of METHOD.md: weight the metrics across matrices into one sensitivity theta per matrix.
+"""Step 3 of the method (README, "The method"): weight the metrics across matrices into one
+sensitivity theta per matrix.
 
 beta1 = sigma(S_topk)/mu(S_topk)^2, beta2 = sigma(S_eff)/mu(S_eff)^2, S_local = beta1 S_topk +
 beta2 S_eff; gamma1, gamma2 likewise for S_global and S_local; theta = gamma1 S_global + gamma2

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slora_kernels.ops._checks import check_positive_int
+from slora_kernels.ops.utils import check_int
 from slora_kernels.sensitivity.collect import (ActivationCollector, Collector, FisherCollector,
                                                HutchinsonCollector)
 from slora_kernels.sensitivity.combine import Components, Weighting, combine
@@ -17,6 +17,7 @@ from slora_kernels.sensitivity.report import MatrixSensitivity, SensitivityRepor
 from slora_kernels.sensitivity.targets import find_targets
 
 Estimator = Literal["activation", "fisher", "hutchinson"]
+ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 Layout = Literal["parameter", "feature"]
 
 
@@ -33,8 +34,9 @@ def _collector(targets: dict[str, nn.Linear], estimator: str, per_sample: bool, 
     if estimator == "fisher":
         return FisherCollector(targets, per_sample)
     if estimator == "hutchinson":
-        return HutchinsonCollector(targets, check_positive_int("probes", probes), seed)
-    raise ValueError(f"estimator must be 'activation', 'fisher' or 'hutchinson', got {estimator!r}")
+        return HutchinsonCollector(targets, check_int("probes", probes), seed)
+    expected = ", ".join(map(repr, ESTIMATORS[:-1])) + f" or {ESTIMATORS[-1]!r}"
+    raise ValueError(f"estimator must be {expected}, got {estimator!r}")
 
 
 def _run(model: nn.Module, collector: Collector, batches: Iterable[dict], max_batches: int | None, progress: bool) -> None:
@@ -82,7 +84,7 @@ def estimate_sensitivity(model: nn.Module, batches: Iterable[Mapping], *, target
     if diag_layout not in ("parameter", "feature"):
         raise ValueError(f"diag_layout must be 'parameter' or 'feature', got {diag_layout!r}")
     if max_batches is not None:
-        check_positive_int("max_batches", max_batches)
+        check_int("max_batches", max_batches)
     targets = find_targets(model, target_modules)
     collector = _collector(targets, estimator, per_sample, probes, seed)
     _run(model, collector, batches, max_batches, progress)

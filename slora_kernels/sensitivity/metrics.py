@@ -1,4 +1,4 @@
-"""Step 2 of METHOD.md: trace, top-k mean and effective rank of one matrix's Hessian diagonal.
+"""Step 2 of the method (README, "The method"): trace, top-k mean and effective rank of one matrix's Hessian diagonal.
 
 The per-parameter layout counts each input-feature entry d_out times. `repeat` handles that
 exactly: the sorted repeated sequence is the sorted unique sequence with every entry counted
@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from slora_kernels.ops._checks import check_positive_int, check_tensor
+from slora_kernels.ops.utils import check_int, check_tensor
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def metrics(diag: torch.Tensor, *, repeat: int = 1, topk_fraction: float = 0.5, 
     that carries mass: its effective rank is 0 (the formula's ratio would be 0/0).
     """
     check_tensor("diag", diag, ndim=(1, 2))
-    check_positive_int("repeat", repeat)
+    check_int("repeat", repeat)
     topk_fraction = _check_fraction("topk_fraction", topk_fraction)
     alpha = _check_fraction("alpha", alpha)
     if diag.numel() == 0:

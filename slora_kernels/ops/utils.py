@@ -1,9 +1,12 @@
-"""Argument checks shared by the public ops: each error names the argument and what was expected."""
+"""What the ops share: argument checks (each error names the argument and what was expected), the
+floating dtypes they accept, and the choice of the Triton path."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_tensor(name: str, value: object, *, ndim: int | Sequence[int] | None = None,
@@ -29,9 +32,15 @@ def check_same(name: str, index: int, value: torch.Tensor, reference: torch.Tens
         raise error(f"{name}[{index}] has {attr} {got}, expected {want} like {reference_name or f'{name}[0]'}")
 
 
-def check_positive_int(name: str, value: object) -> int:
+def check_int(name: str, value: object, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def triton_path(t: torch.Tensor) -> bool:
+    """CUDA tensors take the Triton kernels. The ops look this up on the module at each call, so
+    tests and the GPU suite's dry run can route CPU tensors there (run by Triton's interpreter)."""
+    return t.is_cuda

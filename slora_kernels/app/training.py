@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slora_kernels.data import Examples
+from slora_kernels.app.data import Examples
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ import warnings
 from pathlib import Path
 
 from slora_kernels._version import __version__
-from slora_kernels.data import EMBEDDED_DATA, DataError
-from slora_kernels.models import DEFAULT_TARGETS, EMBEDDED_MODELS, ModelError
-
-ESTIMATORS = ("activation", "fisher", "hutchinson")
+from slora_kernels.app import RANK_CHOICES
+from slora_kernels.app.data import EMBEDDED_DATA, DataError
+from slora_kernels.app.models import DEFAULT_TARGETS, EMBEDDED_MODELS, ModelError
+from slora_kernels.sensitivity.estimate import ESTIMATORS
 
 
 class UsageError(ValueError):
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="fine-tune with uniform, sensitivity or AdaLoRA ranks; save a PEFT adapter")
     _common(train, avg_rank=4)
     train.add_argument("--ranks", default="sensitivity",
-                       help="uniform | sensitivity | adalora | PATH to a sensitivity report from `slora analyze`")
+                       help=f"{' | '.join(RANK_CHOICES)} | PATH to a sensitivity report from `slora analyze`")
     train.add_argument("--epochs", type=int, default=2)
     train.add_argument("--lr", type=float, default=5e-4)
     train.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
@@ -100,8 +100,8 @@ def _check_args(args: argparse.Namespace) -> None:
     _positive(args, "avg_rank", "calib_samples", "batch_size", "max_length", "max_samples", "max_eval",
               "epochs", "lr", "max_steps")
     ranks = getattr(args, "ranks", None)
-    if ranks is not None and ranks not in ("uniform", "sensitivity", "adalora") and not Path(ranks).is_file():
-        raise UsageError(f"--ranks must be uniform, sensitivity, adalora or a report file; {ranks} is none of them")
+    if ranks is not None and ranks not in RANK_CHOICES and not Path(ranks).is_file():
+        raise UsageError(f"--ranks must be {', '.join(RANK_CHOICES)} or a report file; {ranks} is none of them")
 
 
 def _quiet_libraries() -> None:
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_args(args)
         created = _out_dir(args.out, args.overwrite)
-        from slora_kernels import commands
+        from slora_kernels.app import commands
 
         getattr(commands, args.command)(args)
         return 0

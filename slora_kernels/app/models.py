@@ -5,13 +5,13 @@ A model that cannot be loaded raises `ModelError` with one line that says how to
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from slora_kernels.defaults import load_minilm_classifier, load_smollm2
+from slora_kernels.app.defaults import load_minilm_classifier, load_smollm2
+from slora_kernels.sensitivity.targets import find_targets
 
 EMBEDDED_MODELS = ("minilm", "smollm2")
 # Every nn.Linear inside a numbered transformer block (BERT "layer.3.", Llama "layers.3."): the
@@ -58,11 +58,9 @@ def load_model(name: str, task: str, num_labels: int | None = None, seed: int = 
 
 
 def linear_targets(model: nn.Module, pattern: str = DEFAULT_TARGETS) -> list[str]:
-    """Full names of the nn.Linear modules whose name fully matches `pattern`."""
-    regex = re.compile(pattern)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and regex.fullmatch(n)]
-    if not names:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        raise ModelError(f"--target-modules {pattern!r} matches no nn.Linear; candidates: {', '.join(linears[:8])}"
-                         f"{' ...' if len(linears) > 8 else ''}")
-    return names
+    """Full names of the nn.Linear modules whose name fully matches `pattern` (the library's matcher,
+    PEFT's rule); a pattern that selects none is a ModelError naming the candidates."""
+    try:
+        return list(find_targets(model, pattern))
+    except ValueError as err:
+        raise ModelError(f"--target-modules: {err}") from None

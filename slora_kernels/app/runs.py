@@ -11,11 +11,10 @@ from pathlib import Path
 
 from torch import nn
 
-from slora_kernels.adapters import adalora_config, attach, lora_parameter_count, sensitivity_config, uniform_config
-from slora_kernels.data import Dataset, Examples
-from slora_kernels.training import TrainConfig, batches, evaluate, train
-
-RANK_CHOICES = ("uniform", "sensitivity", "adalora")
+from slora_kernels.app import RANK_CHOICES
+from slora_kernels.app.adapters import adalora_config, attach, lora_parameter_count, sensitivity_config, uniform_config
+from slora_kernels.app.data import Dataset, Examples
+from slora_kernels.app.training import TrainConfig, batches, evaluate, train
 
 
 @dataclass
@@ -37,7 +36,7 @@ class RunResult:
 def calibrate(model: nn.Module, tokenizer, examples: Examples, targets: list[str], estimator: str,
               batch_size: int, max_length: int, progress: bool = True):
     """The SensitivityReport of `targets` over `examples` (labels included: Fisher needs them)."""
-    from slora_kernels import estimate_sensitivity
+    from slora_kernels.sensitivity import estimate_sensitivity
 
     return estimate_sensitivity(model, batches(tokenizer, examples, batch_size, max_length),
                                 target_modules=targets, estimator=estimator, progress=progress)
@@ -46,7 +45,7 @@ def calibrate(model: nn.Module, tokenizer, examples: Examples, targets: list[str
 def run(model: nn.Module, tokenizer, dataset: Dataset, *, method: str, avg_rank: int, targets: list[str],
         config: TrainConfig, task: str, estimator: str = "activation", calib_samples: int = 512,
         report=None, fused: bool = True, out_dir: Path | None = None) -> tuple[nn.Module, RunResult]:
-    """Train `method` ("uniform", "sensitivity" or "adalora") and evaluate it on the held-out split.
+    """Train `method` (one of RANK_CHOICES) and evaluate it on the held-out split.
 
     Sensitivity-LoRA calibrates on the first `calib_samples` training texts unless a
     SensitivityReport is given (then calib_seconds counts the allocation only).

@@ -9,14 +9,16 @@ import json
 import time
 from pathlib import Path
 
-from slora_kernels.adapters import sensitivity_config
-from slora_kernels.data import Dataset, load_dataset
-from slora_kernels.models import linear_targets, load_model
-from slora_kernels.plotting import plot_ranks, rank_grid, short_labels
-from slora_kernels.runs import RunResult, calibrate, run
-from slora_kernels.training import TrainConfig
+from slora_kernels.app import RANK_CHOICES
+from slora_kernels.app.adapters import sensitivity_config
+from slora_kernels.app.data import Dataset, load_dataset
+from slora_kernels.app.models import linear_targets, load_model
+from slora_kernels.app.plotting import plot_ranks, rank_grid, short_labels
+from slora_kernels.app.runs import RunResult, calibrate, run
+from slora_kernels.app.training import TrainConfig
 
-# The demo: the measured reference setting (DESIGN.md), and a slice of it that runs in well under 2 minutes.
+# The demo: the setting of the accuracy study (benchmarks/RESULTS.md), and a slice of it that runs in
+# well under 2 minutes.
 DEMO_FULL = {"train": 4000, "eval": 1000, "epochs": 2, "calib": 512, "max_length": 128}
 DEMO_QUICK = {"train": 128, "eval": 128, "epochs": 1, "calib": 32, "max_length": 32}
 DEMO_AVG_RANK = 4
@@ -72,8 +74,8 @@ def analyze(args: argparse.Namespace) -> None:
 def train(args: argparse.Namespace) -> None:
     dataset, task = _dataset(args)
     report, method = None, args.ranks
-    if method not in ("uniform", "sensitivity", "adalora"):
-        from slora_kernels import SensitivityReport
+    if method not in RANK_CHOICES:
+        from slora_kernels.sensitivity import SensitivityReport
 
         report, method = SensitivityReport.from_json(args.ranks), "sensitivity"
     model, tokenizer = load_model(args.model, task, dataset.num_labels, seed=args.seed)
