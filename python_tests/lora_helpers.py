@@ -4,8 +4,11 @@ import random
 import torch
 from peft import LoraConfig, get_peft_model
 
-from slora_kernels.ops import _hash_dropout as hash_dropout
 from slora_kernels import fuse
+from slora_kernels.ops import _hash_dropout as hash_dropout
+
+MINILM_TARGETS = ["query", "key", "value", "dense"]
+SMOLLM2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def random_group(rng: random.Random, dtype=torch.float64, max_groups=7, max_rank=70, bias=True):
@@ -94,7 +97,7 @@ def tiny_fused_bert():
                         attention_probs_dropout_prob=0.0)
     base = BertForSequenceClassification(config)
     ranks, _ = random_pattern(base, ("query", "key", "value", "dense"), seed=0)
-    model = get_peft_model(base, LoraConfig(target_modules=["query", "key", "value", "dense"], rank_pattern=ranks,
+    model = get_peft_model(base, LoraConfig(target_modules=MINILM_TARGETS, rank_pattern=ranks,
                                             modules_to_save=["classifier"]))
     with torch.no_grad():
         for name, p in model.named_parameters():

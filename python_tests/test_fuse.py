@@ -9,16 +9,14 @@ import warnings
 
 import pytest
 import torch
-from lora_helpers import batch, logits_and_grads, lora_model, random_pattern, randomize_lora_b, rel_err, tiny_fused_bert
+from lora_helpers import (MINILM_TARGETS, SMOLLM2_TARGETS, batch, logits_and_grads, lora_model, random_pattern,
+                          randomize_lora_b, rel_err, tiny_fused_bert)
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners import lora
 
 from slora_kernels import fuse, fusion_stats, unfuse
 from slora_kernels.app.defaults import load_minilm_classifier, load_smollm2
 from slora_kernels.nn import FusedLoraLinear
-
-MINILM_TARGETS = ["query", "key", "value", "dense"]
-SMOLLM2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def assert_same_run(got, want, per_matrix=1e-5):

@@ -13,13 +13,11 @@ import math
 
 import pytest
 import torch
-from lora_helpers import lora_model, rel_err
+from lora_helpers import MINILM_TARGETS, SMOLLM2_TARGETS, lora_model, rel_err
 
 from slora_kernels import fuse, fusion_stats
 from slora_kernels.app.defaults import load_minilm_classifier, load_smollm2
 
-MINILM_TARGETS = ["query", "key", "value", "dense"]
-SMOLLM2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # precision: (base dtype, factors kept in float32 by PEFT, autocast dtype)
 PRECISIONS = {
     "bf16 base + fp32 factors": (torch.bfloat16, True, None),

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from lora_helpers import lora_model
+from lora_helpers import MINILM_TARGETS, lora_model
 from transformers import Trainer, TrainingArguments
 
 from slora_kernels import fuse, fusion_stats
@@ -39,7 +39,7 @@ def train(model, data, output_dir, **options):
                                      {"bf16": True, "gradient_checkpointing": True}], ids=str)
 def test_trainer_runs_fused_and_follows_stock_peft(minilm_and_data, tmp_path, options):
     base, data = minilm_and_data
-    start = lora_model(copy.deepcopy(base), ["query", "key", "value", "dense"], seed=4, modules_to_save=["classifier"])
+    start = lora_model(copy.deepcopy(base), MINILM_TARGETS, seed=4, modules_to_save=["classifier"])
     curves = {}
     for name in ("stock", "fused"):
         model = copy.deepcopy(start)
