@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -404,6 +405,16 @@ def print_table(checks: list[dict], rows: list[Row]) -> None:
         print(f"| {r.section:15} | {r.case:52} | {r.ms:9.3f} | {ratio} | {r.target} | {met} |")
 
 
+def run_step(suite: Suite, step) -> None:
+    """Run one check or timing step; an exception fails that step alone, the rest still run and time."""
+    try:
+        step(suite)
+    except Exception as error:  # noqa: BLE001 - reported as a failed check, with its message
+        traceback.print_exc()
+        suite.checks.append({"check": f"{step.__name__} raised {type(error).__name__}: {error}"[:200],
+                             "dtype": "-", "rel_err": float("inf"), "tolerance": 0.0, "passed": False})
+
+
 def route_cpu_through_triton() -> None:
     """Dry run: make the ops take their Triton path on CPU tensors (run by the interpreter)."""
     from slora_kernels.ops import utils
@@ -425,12 +436,10 @@ def run(args) -> int:
         return 2
     suite = Suite(torch, config)
     started = time.time()
-    for step in (check_pack, check_activation_sq, check_fisher, check_grouped_lora):
-        step(suite)
+    for step in (check_pack, check_activation_sq, check_fisher, check_grouped_lora,
+                 time_linear, time_groups, time_statistics):
+        run_step(suite, step)
     failed = [c for c in suite.checks if not c["passed"]]
-    if not failed:
-        for step in (time_linear, time_groups, time_statistics):
-            step(suite)
     print_table(suite.checks, suite.rows)
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
