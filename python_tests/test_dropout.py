@@ -112,3 +112,22 @@ def test_kernel_and_fallback_keep_the_documented_bits(tmp_path, seed):
     for got in (torch.load(tmp_path / "out.pt"), torch.ops.slora.dropout(x, p, seed)):
         assert torch.equal(got != 0, keep)
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (7,), (33, 1, 17), (2049,)])
+def test_triton_kernel_drops_the_same_elements_as_the_cpu_op(dtype, shape):
+    """The GPU's dropout (Triton; here in the interpreter, on the GPU where there is one) is the CPU
+    op's function bit for bit, so a CPU and a GPU run with one seed drop the same elements."""
+    from slora_kernels.triton.dropout_kernels import hash_dropout as triton_dropout
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(dtype)
+    for p, seed in ((0.05, 1), (0.3, 2**62 - 1), (0.9, 12345)):
+        got, want = triton_dropout(x.to(device), p, seed).cpu(), hash_dropout.dropout(x, p, seed)
+        assert got.dtype == dtype and got.shape == x.shape
+        assert torch.equal(got != 0, want != 0)
+        if dtype == torch.bfloat16 and device == "cpu":  # the interpreter rounds float32 -> bf16 by truncation
+            torch.testing.assert_close(got, want, rtol=2**-7, atol=0)
+        else:
+            assert torch.equal(got, want)

@@ -1,7 +1,8 @@
-"""Segmented LoRA Triton kernels (expand, dS, dB) against float64 references, in the interpreter on CPU.
+"""Segmented LoRA Triton kernels (expand, one-pass dS/dB) against float64 references, in the interpreter on CPU.
 
-Random groups: G 1..7, ranks 1..70, odd d_in / d_out / token counts. The interpreter is slow, so
-shapes stay small; the same tests run on the GPU where there is one.
+Random groups: G 1..4, ranks among 1, 3, 16, 17, 64, 130, odd d_out / token counts, narrow column
+tiles and forced token splits so every loop and mask of the kernels runs. The interpreter is slow,
+so shapes stay small; the same tests run on the GPU where there is one.
 """
 import copy
 import random
@@ -13,24 +14,38 @@ from lora_helpers import (assert_mixed_dtype_group_matches_float64, batch, rando
 
 from slora_kernels import unfuse
 from slora_kernels.ops import grouped_lora, utils
-from slora_kernels.triton.lora_kernels import BLOCK_R, lora_expand_, lora_grad_b, lora_grad_s, segment_layout
+from slora_kernels.triton import lora_kernels
+from slora_kernels.triton.lora_kernels import lora_expand, lora_grad_sb, segment_layout, token_bucket
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}
+RANKS = (1, 3, 16, 17, 64, 130)
+
+
+@pytest.fixture(autouse=True)
+def token_splits_of_sixteen(monkeypatch):
+    """Split the backward's tokens finely, so small test shapes run several splits (and their atomics)."""
+    monkeypatch.setattr(lora_kernels, "MIN_SPLIT_TOKENS", 16)
+    monkeypatch.setattr(lora_kernels, "PROGRAMS_PER_SM", 1000)
+
+
+def test_small_shapes_get_several_token_splits():
+    layout = segment_layout((45,), (3,), (1.0,), torch.device(DEVICE), block_n=16)
+    assert lora_kernels.token_splits(101, layout, torch.device(DEVICE)) == 7
 
 
 def random_segments(rng: random.Random, dtype):
-    groups = rng.randint(1, 7)
-    d_outs = tuple(rng.choice([1, 3, 17, 33, 45]) for _ in range(groups))
-    ranks = tuple(rng.randint(1, 70) for _ in range(groups))
-    tokens = rng.choice([1, 5, 37])
+    groups = rng.randint(1, 4)
+    d_outs = tuple(rng.choice([1, 17, 45, 70]) for _ in range(groups))
+    ranks = tuple(rng.choice(RANKS) for _ in range(groups))
+    tokens = rng.choice([1, 37, 101])
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
 
     lora_b = [rand(d, r) for d, r in zip(d_outs, ranks)]
-    scales = [rng.uniform(-2.0, 2.0) for _ in range(groups)]
+    scales = tuple(rng.uniform(-2.0, 2.0) for _ in range(groups))
     return d_outs, ranks, rand(tokens, sum(ranks)), lora_b, rand(tokens, sum(d_outs)), scales
 
 
@@ -38,30 +53,38 @@ def columns(t, sizes):
     return t.double().split(list(sizes), dim=1)
 
 
+def expected_grads(dy, s, lora_b, scales, d_outs, ranks):
+    dy_parts, s_parts = columns(dy, d_outs), columns(s, ranks)
+    ds = torch.cat([c * g @ b.double() for g, b, c in zip(dy_parts, lora_b, scales)], dim=1)
+    db = torch.cat([(c * g.T @ s_i).reshape(-1) for g, s_i, c in zip(dy_parts, s_parts, scales)])
+    return ds, db
+
+
 BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.cuda)  # the interpreter mis-simulates bf16 tl.dot
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, BF16])
-@pytest.mark.parametrize("case", range(4))
-def test_kernels_match_float64_reference(dtype, case):
-    rng = random.Random(case + 10 * len(str(dtype)))
-    d_outs, ranks, s, lora_b, y, scales = random_segments(rng, dtype)
-    layout = segment_layout(d_outs, ranks, s.device)
+@pytest.mark.parametrize("block_n", [16, 128])
+@pytest.mark.parametrize("case", range(3))
+def test_kernels_match_float64_reference(dtype, block_n, case):
+    rng = random.Random(case + 10 * len(str(dtype)) + block_n)
+    d_outs, ranks, s, lora_b, dy, scales = random_segments(rng, dtype)
+    layout = segment_layout(d_outs, ranks, scales, s.device, block_n=block_n)
     b_flat = torch.cat([b.reshape(-1) for b in lora_b])
+    bias = torch.randn(sum(d_outs), dtype=torch.float64).to(dtype).to(DEVICE)
     tol = TOLERANCE[dtype]
-    s_parts, dy_parts = columns(s, ranks), columns(y, d_outs)
 
-    expected = torch.cat([y_i + c * s_i @ b.double().T
-                          for y_i, s_i, b, c in zip(columns(y, d_outs), s_parts, lora_b, scales)], dim=1)
-    got = lora_expand_(y.clone(), s, b_flat, scales, layout)
-    torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol * 10)
+    lora_terms = [c * s_i @ b.double().T for s_i, b, c in zip(columns(s, ranks), lora_b, scales)]
+    torch.testing.assert_close(lora_expand(s, b_flat, None, layout, dtype).double(), torch.cat(lora_terms, dim=1),
+                               rtol=tol, atol=tol * 10)
+    torch.testing.assert_close(lora_expand(s, b_flat, bias, layout, dtype).double(),
+                               torch.cat(lora_terms, dim=1) + bias.double(), rtol=tol, atol=tol * 10)
 
-    dy = y  # any [N, D] tensor serves as the output gradient
-    expected_ds = torch.cat([c * g @ b.double() for g, b, c in zip(dy_parts, lora_b, scales)], dim=1)
-    torch.testing.assert_close(lora_grad_s(dy, b_flat, scales, layout).double(), expected_ds, rtol=tol, atol=tol * 10)
-
-    expected_db = torch.cat([(c * g.T @ s_i).reshape(-1) for g, s_i, c in zip(dy_parts, s_parts, scales)])
-    torch.testing.assert_close(lora_grad_b(dy, s, scales, layout).double(), expected_db, rtol=tol, atol=tol * 10)
+    want_ds, want_db = expected_grads(dy, s, lora_b, scales, d_outs, ranks)
+    ds, db = lora_grad_sb(dy, s, b_flat, layout)
+    assert ds.dtype == db.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(ds.double(), want_ds, rtol=tol, atol=tol * 10)
+    torch.testing.assert_close(db.double(), want_db, rtol=tol, atol=tol * 10)
 
 
 def assert_within_one_rounding(got, exact, dtype):
@@ -75,36 +98,37 @@ def assert_within_one_rounding(got, exact, dtype):
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", range(3))
 def test_kernels_mixed_dtypes_float32_factors_half_outputs(out_dtype, case):
-    """PEFT's default under a half-precision base: S and B float32, Y / dY bf16 or fp16. dY is cast to
-    float32 on load (exact), products accumulate in float32, Y takes one rounding. (tl.dot itself runs
+    """PEFT's default under a half-precision base: S and B float32, C / dY bf16 or fp16. dY is cast to
+    float32 on load (exact), products accumulate in float32, C takes one rounding. (tl.dot itself runs
     on float32 here, so the interpreter simulates it; bf16 only enters through loads and stores.)"""
     rng = random.Random(300 + case)
-    d_outs, ranks, s, lora_b, y, scales = random_segments(rng, torch.float32)
-    y = y.to(out_dtype)
-    layout = segment_layout(d_outs, ranks, s.device)
+    d_outs, ranks, s, lora_b, dy, scales = random_segments(rng, torch.float32)
+    dy = dy.to(out_dtype)
+    layout = segment_layout(d_outs, ranks, scales, s.device, block_n=16)
     b_flat = torch.cat([b.reshape(-1) for b in lora_b])
-    s_parts, dy_parts = columns(s, ranks), columns(y, d_outs)
+    expected = torch.cat([c * s_i @ b.double().T for s_i, b, c in zip(columns(s, ranks), lora_b, scales)], dim=1)
+    assert_within_one_rounding(lora_expand(s, b_flat, None, layout, out_dtype), expected, out_dtype)
 
-    expected = torch.cat([y_i + c * s_i @ b.double().T for y_i, s_i, b, c in zip(dy_parts, s_parts, lora_b, scales)],
-                         dim=1)
-    assert_within_one_rounding(lora_expand_(y.clone(), s, b_flat, scales, layout), expected, out_dtype)
-
-    expected_ds = torch.cat([c * g @ b.double() for g, b, c in zip(dy_parts, lora_b, scales)], dim=1)
-    ds = lora_grad_s(y, b_flat, scales, layout)
-    assert ds.dtype == torch.float32
-    torch.testing.assert_close(ds.double(), expected_ds, rtol=1e-5, atol=1e-5)
-    expected_db = torch.cat([(c * g.T @ s_i).reshape(-1) for g, s_i, c in zip(dy_parts, s_parts, scales)])
-    db = lora_grad_b(y, s, scales, layout)
-    assert db.dtype == torch.float32
-    torch.testing.assert_close(db.double(), expected_db, rtol=1e-5, atol=1e-5)
+    want_ds, want_db = expected_grads(dy, s, lora_b, scales, d_outs, ranks)
+    ds, db = lora_grad_sb(dy, s, b_flat, layout)
+    assert ds.dtype == db.dtype == torch.float32
+    torch.testing.assert_close(ds.double(), want_ds, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(db.double(), want_db, rtol=1e-5, atol=1e-5)
 
 
-def test_layout_pads_each_rank_to_sixteen_not_to_the_group_max():
-    layout = segment_layout((40, 8), (1, 70), torch.device("cpu"))
+def test_layout_pads_each_rank_to_its_chunk_not_to_the_group_max():
+    layout = segment_layout((40, 8), (1, 70), (2.0, 0.5), torch.device("cpu"), block_n=16)
     assert layout.meta.tolist() == [[0, 40, 0, 1, 0], [40, 8, 1, 70, 40]]
+    assert layout.scales.tolist() == [2.0, 0.5] and layout.scales64.dtype == torch.float64
     assert layout.total_rank == 71 and layout.total_out == 48 and layout.b_numel == 40 + 8 * 70
-    # rank tiles: one 16-wide chunk for r = 1, ceil(70 / 16) = 5 for r = 70 (not 5 + 5).
-    assert layout.rank_tiles.tolist() == [[0, 0, 0]] + [[1, 0, k] for k in range(0, 70, BLOCK_R)]
+    assert layout.block_r == 32  # the largest rank is over 16
+    assert layout.column_tiles.tolist() == [[0, 0, 0], [0, 16, 0], [0, 32, 0], [1, 0, 0]]
+    # one rank chunk for r = 1 per column tile; ceil(70 / 32) = 3 for r = 70 (not padded to the group max).
+    assert layout.grad_tiles.tolist() == [[0, n, 0] for n in (0, 16, 32)] + [[1, 0, k] for k in (0, 32, 64)]
+
+
+def test_token_bucket_is_the_next_power_of_two():
+    assert [token_bucket(n) for n in (1, 2, 3, 4096, 4097)] == [1, 2, 4, 4096, 8192]
 
 
 @pytest.fixture
@@ -163,3 +187,68 @@ def test_fused_model_on_triton_path_matches_stock_peft_and_sees_weight_changes(t
         for model in (fused, stock):
             model.get_submodule("base_model.model.bert.encoder.layer.0.attention.self.key.base_layer").weight.mul_(-2.0)
     torch.testing.assert_close(logits_and_grads(fused)[0], logits_and_grads(stock)[0], rtol=1e-5, atol=1e-6)
+
+
+def _group_on_device(seed: int, dtype=torch.float64):
+    x, weights, biases, lora_a, lora_b, scales = random_group(random.Random(seed), dtype, max_rank=40)
+    move = lambda ts: [None if t is None else t.to(DEVICE) for t in ts]  # noqa: E731
+    x, weights, biases, lora_a, lora_b = x.to(DEVICE), move(weights), move(biases), move(lora_a), move(lora_b)
+    for t in [x, *lora_a, *lora_b]:
+        t.requires_grad_(True)
+    return x, weights, biases, lora_a, lora_b, scales
+
+
+def _forward_backward(group, dropout_p=0.0):
+    x, weights, biases, lora_a, lora_b, scales = group
+    ys = grouped_lora(x, weights, biases, lora_a, lora_b, scales, dropout_p=dropout_p, seed=3)
+    return torch.autograd.grad(ys, [x, *lora_a, *lora_b], [torch.ones_like(y) for y in ys])
+
+
+def test_deterministic_mode_takes_the_per_layer_gemms(triton_path, monkeypatch):
+    """The one-pass kernel's atomics are order-dependent in the last bits; deterministic mode must not use it."""
+    group = _group_on_device(41)
+    expected = _forward_backward(group)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("lora_grad_sb ran under torch.use_deterministic_algorithms")
+
+    monkeypatch.setattr(lora_kernels, "lora_grad_sb", refuse)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        got = _forward_backward(group)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_launch_path_reads_nothing_back_from_the_device(triton_path, monkeypatch, dropout_p):
+    """After the first call (layouts cached, kernels compiled), a forward + backward on the Triton path
+    converts no tensor to a Python value: no .item(), .tolist(), bool(), int() or float() - each of
+    which is a device-to-host sync on CUDA."""
+    group = _group_on_device(42)
+    _forward_backward(group, dropout_p)
+
+    def sync(name):
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"Tensor.{name} on the launch path")
+        return refuse
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, sync(name))
+    assert all(g is not None for g in _forward_backward(group, dropout_p))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_forward_backward_never_synchronizes(dtype):
+    group = _group_on_device(43, dtype)
+    _forward_backward(group, 0.1)  # compiles and autotunes (which synchronizes), builds the layouts
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _forward_backward(group, 0.1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

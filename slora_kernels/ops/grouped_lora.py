@@ -5,17 +5,21 @@ computes, but for the whole group at once: one dropout mask, the shrink S = drop
 one GEMM over the packed A, and the expand added straight into each base output (no temporaries
 for the LoRA branch, no per-layer mask). That is what saves time over PEFT's per-module path.
 
-Devices: CUDA tensors take one base GEMM over the stacked W (the layers side by side in one
-[N, sum d_out] buffer, returned as column views) and the segmented Triton kernels of
-`slora_kernels.triton.lora_kernels`. CPU tensors take plain torch: a base GEMM per layer on row
-slices of the stacked W (as fast as one GEMM there) into separate outputs, each then
-`addmm_`-ed with its expand, so the backward receives separate output gradients.
+Devices: CUDA tensors take the segmented Triton kernels of `slora_kernels.triton.lora_kernels`
+and cuBLAS: the expand writes the LoRA term (and bias) of every layer side by side into one
+[N, sum d_out] buffer, which one cuBLAS GEMM over the stacked W takes as its addend (`addmm`), so
+Y is written once and never re-read; the outputs are column views of it. CPU tensors take plain
+torch: a base GEMM per layer on row slices of the stacked W (as fast as one GEMM there) into
+separate outputs, each then `addmm_`-ed with its expand, so the backward receives separate
+output gradients.
 
-Backward: dB_i = s_i dY_i^T S_i, dS_i = s_i dY_i B_i, dA_cat = dS^T drop(x) (one GEMM),
-dx = sum_i dY_i W_i + drop(dS A_cat). S is saved; drop(x) is not: the mask is a function of `seed` and
-is drawn again, bit for bit, in the backward. On CPU it comes from the extension's counter-based
-`slora::dropout` (each element's bit a hash of (seed, index): parallel, ~8x faster than torch's
-serial CPU Bernoulli); on CUDA from a Philox `torch.Generator` seeded with `seed`.
+Backward: dB_i = s_i dY_i^T S_i, dS_i = s_i dY_i B_i (on CUDA both from one read of dY),
+dA_cat = dS^T drop(x) (one GEMM), dx = dY W_cat + drop(dS A_cat) (on CUDA one cuBLAS GEMM with
+the LoRA part as addend). S is saved; drop(x) is not: the mask is a function of `seed` and
+is drawn again, bit for bit, in the backward, and no mask tensor is stored: each element's keep bit
+is a hash of (seed, index), computed by the extension's `slora::dropout` on CPU (parallel, ~8x
+faster than torch's serial CPU Bernoulli) and by the same hash in Triton on CUDA, so CPU and GPU
+runs drop the same elements.
 
 Dtypes follow PEFT's LoRA Linear: x, W and b share the base dtype; the factors share one dtype of
 their own (PEFT keeps them in float32 under a bf16/fp16 base by default). The LoRA branch runs in
@@ -174,13 +178,15 @@ def _pack_a(lora_a: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _dropout(t: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """t * mask / (1 - p), the mask a function of (seed, t's shape, device): the same on every call."""
+    """t * mask / (1 - p), each element's keep bit a hash of (seed, its index): the same on every
+    call and on every device (the CPU op and the Triton kernel compute the same bits)."""
     if p == 0.0:
         return t
-    if not t.is_cuda:
-        return torch.ops.slora.dropout(t, p, seed)
-    generator = torch.Generator(device=t.device).manual_seed(seed)
-    return t * torch.empty_like(t).bernoulli_(1.0 - p, generator=generator).mul_(1.0 / (1.0 - p))
+    if utils.triton_path(t):
+        from slora_kernels.triton.dropout_kernels import hash_dropout
+
+        return hash_dropout(t, p, seed)
+    return torch.ops.slora.dropout(t, p, seed)
 
 
 def _right_operand(m: torch.Tensor) -> torch.Tensor:
@@ -201,11 +207,17 @@ def _ranks_and_outs(lora_b: list[torch.Tensor]) -> tuple[tuple[int, ...], tuple[
     return tuple(b.shape[1] for b in lora_b), tuple(b.shape[0] for b in lora_b)
 
 
-def _cuda_layout(lora_b: list[torch.Tensor]):
+def _cuda_layout(lora_b: list[torch.Tensor], scales: Sequence[float]):
     from slora_kernels.triton.lora_kernels import segment_layout
 
     ranks, d_outs = _ranks_and_outs(lora_b)
-    return segment_layout(d_outs, ranks, lora_b[0].device)
+    return segment_layout(d_outs, ranks, tuple(scales), lora_b[0].device)
+
+
+def _stacked_weight(weights: list[torch.Tensor]) -> torch.Tensor:
+    """W_cat [sum d_out, d_in]: the one given, or the layers' weights concatenated (a copy per call:
+    the fused modules pass a W_cat they cache, so training does not pay it)."""
+    return weights[0] if len(weights) == 1 else torch.cat(weights)
 
 
 def _flat_b(lora_b: list[torch.Tensor]) -> torch.Tensor:
@@ -233,12 +245,12 @@ def _grouped_forward(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.T
     """
     s = torch.mm(_dropout(_as_factor_dtype(x, lora_a), dropout_p, seed), _pack_a(lora_a).t())
     if stacks_outputs(x):
-        from slora_kernels.triton.lora_kernels import lora_expand_
+        from slora_kernels.triton.lora_kernels import lora_expand
 
-        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
-        y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-        lora_expand_(y, s, _flat_b(lora_b), scales, _cuda_layout(lora_b))
-        return [y, s]
+        # The LoRA term (and bias) is written once and read by cuBLAS as the base GEMM's addend:
+        # Y is never read back and rewritten.
+        lora_term = lora_expand(s, _flat_b(lora_b), bias, _cuda_layout(lora_b, scales), x.dtype)
+        return [torch.addmm(lora_term, x, _stacked_weight(weights).t()), s]
     ranks, d_outs = _ranks_and_outs(lora_b)
     layer_biases = [None] * len(lora_b) if bias is None else bias.split(d_outs)
     ys = []
@@ -269,29 +281,32 @@ def _grouped_backward(grad_ys: list[torch.Tensor], x: torch.Tensor, weights: lis
     dx / dW_cat are empty when not needed. The factors' gradients are taken in their dtype (dY cast
     to it, as autograd does through PEFT's mixed-dtype sum), dx in x's."""
     ranks, d_outs = _ranks_and_outs(lora_b)
-    if stacks_outputs(x):
-        from slora_kernels.triton.lora_kernels import lora_grad_b, lora_grad_s
+    if stacks_outputs(x) and not torch.are_deterministic_algorithms_enabled():
+        from slora_kernels.triton.lora_kernels import lora_grad_sb
 
         (grad_y,) = grad_ys
-        layout, b_flat = _cuda_layout(lora_b), _flat_b(lora_b)
-        ds = lora_grad_s(grad_y, b_flat, scales, layout)
-        grad_b = [g.view_as(b).clone() for g, b in zip(lora_grad_b(grad_y, s, scales, layout).split(
-            [b.numel() for b in lora_b]), lora_b)]
+        ds, db = lora_grad_sb(grad_y, s, _flat_b(lora_b), _cuda_layout(lora_b, scales))
+        ds = ds.to(s.dtype)
+        grad_b = [g.view_as(b).to(b.dtype, copy=True) for g, b in zip(db.split([b.numel() for b in lora_b]), lora_b)]
     else:
+        dy_parts = grad_ys if len(grad_ys) == len(lora_b) else grad_ys[0].split(d_outs, dim=1)
         grad_b, ds_parts = [], []
-        for dy, b, s_i, scale in zip(grad_ys, lora_b, s.split(ranks, dim=1), scales):
+        for dy, b, s_i, scale in zip(dy_parts, lora_b, s.split(ranks, dim=1), scales):
             dy = dy.to(s.dtype)
             ds_parts.append(torch.mm(dy, _right_operand(b * scale)))
             grad_b.append(torch.mm(dy.t(), s_i).mul_(scale))
         ds = ds_parts[0] if len(ds_parts) == 1 else torch.cat(ds_parts, dim=1)
     grad_a = torch.mm(ds.t(), _dropout(_as_factor_dtype(x, lora_a), dropout_p, seed))
     blocks = _blocks(grad_ys, weights, d_outs)
-    if need_x:
+    if not need_x:
+        grad_x = x.new_empty(0)
+    elif stacks_outputs(x):  # one cuBLAS GEMM with the LoRA part as its addend: dx is written once
+        lora_part = _dropout(torch.mm(ds, _pack_a(lora_a)), dropout_p, seed).to(x.dtype)
+        grad_x = torch.addmm(lora_part, grad_ys[0], _stacked_weight(weights))
+    else:
         grad_x = _dropout(torch.mm(ds, _right_operand(_pack_a(lora_a))), dropout_p, seed).to(x.dtype)
         for dy, w in blocks:
             grad_x.addmm_(dy, _right_operand(w))
-    else:
-        grad_x = x.new_empty(0)
     grad_weight = torch.cat([torch.mm(dy.t(), x) for dy, _ in blocks]) if need_weight else x.new_empty(0)
     return [grad_x, grad_weight, *[g.clone() for g in grad_a.split(ranks)], *grad_b]
 
