@@ -68,6 +68,19 @@ def test_autocast_casts_every_input_like_f_linear(autocast_dtype):
     assert all(g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
 
 
+def test_eager_calls_skip_the_custom_op_wrapper_and_autocast_takes_it():
+    """Eager calls run the op bodies in a light autograd.Function (the custom ops' per-call wrapping
+    costs more host time than a GPU spends on a layer at a few thousand tokens); under autocast the
+    custom op runs, for its registered casts."""
+    x, weights, biases, lora_a, lora_b, scales = random_group(random.Random(12), torch.float32)
+    x.requires_grad_(True)
+    (eager, *_) = grouped_lora(x, weights, biases, lora_a, lora_b, scales)
+    assert "EagerGroupedLora" in type(eager.grad_fn.next_functions[0][0]).__name__
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (cast, *_) = grouped_lora(x, weights, biases, lora_a, lora_b, scales)
+    assert "EagerGroupedLora" not in type(cast.grad_fn.next_functions[0][0]).__name__
+
+
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_gradcheck_float64(p):
     x, weights, biases, lora_a, lora_b, scales = random_group(random.Random(5), max_groups=3, max_rank=5)

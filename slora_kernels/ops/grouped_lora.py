@@ -84,8 +84,8 @@ def grouped_lora_unchecked(x: torch.Tensor, weights: list[torch.Tensor], bias: t
     if dropout_p > 0.0 and seed is None:
         seed = int(torch.randint(SEED_BOUND, (1,)).item())
     flat = x.reshape(-1, x.shape[-1])
-    *ys, _ = torch.ops.slora.grouped_lora_forward(flat, weights, bias, list(lora_a), list(lora_b),
-                                                  [float(s) for s in scales], float(dropout_p), seed or 0)
+    *ys, _ = _run_forward(flat, weights, bias, list(lora_a), list(lora_b), [float(s) for s in scales],
+                          float(dropout_p), seed or 0)
     if len(ys) < len(lora_b):  # the Triton path's one [N, sum d_out] buffer
         ys = ys[0].split([b.shape[0] for b in lora_b], dim=-1)
     return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
@@ -234,10 +234,9 @@ def stacks_outputs(x: torch.Tensor) -> bool:
     return utils.triton_path(x)
 
 
-@torch.library.custom_op("slora::grouped_lora_forward", mutates_args=())
-def _grouped_forward(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None,
-                     lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], scales: list[float], dropout_p: float,
-                     seed: int) -> list[torch.Tensor]:
+def _forward_impl(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None,
+                  lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], scales: list[float], dropout_p: float,
+                  seed: int) -> list[torch.Tensor]:
     """[Y, S] with Y [N, sum d_out] on the Triton path, [Y_0, .., Y_{G-1}, S] on CPU; S = drop(x) A_cat^T.
 
     weights: one [d_out_i, d_in] per layer, or the group's [sum d_out, d_in] stack as one tensor.
@@ -265,6 +264,13 @@ def _grouped_forward(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.T
     return [*ys, s]
 
 
+@torch.library.custom_op("slora::grouped_lora_forward", mutates_args=())
+def _grouped_forward(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None,
+                     lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], scales: list[float], dropout_p: float,
+                     seed: int) -> list[torch.Tensor]:
+    return _forward_impl(x, weights, bias, lora_a, lora_b, scales, dropout_p, seed)
+
+
 @_grouped_forward.register_fake
 def _grouped_forward_fake(x, weights, bias, lora_a, lora_b, scales, dropout_p, seed):
     s = lora_a[0].new_empty((x.shape[0], sum(a.shape[0] for a in lora_a)))
@@ -273,10 +279,9 @@ def _grouped_forward_fake(x, weights, bias, lora_a, lora_b, scales, dropout_p, s
     return [*(x.new_empty((x.shape[0], d)) for d in d_outs), s]
 
 
-@torch.library.custom_op("slora::grouped_lora_backward", mutates_args=())
-def _grouped_backward(grad_ys: list[torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor],
-                      lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], s: torch.Tensor, scales: list[float],
-                      dropout_p: float, seed: int, need_x: bool, need_weight: bool) -> list[torch.Tensor]:
+def _backward_impl(grad_ys: list[torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor],
+                   lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], s: torch.Tensor, scales: list[float],
+                   dropout_p: float, seed: int, need_x: bool, need_weight: bool) -> list[torch.Tensor]:
     """[dx, dW_cat, dA_0.., dB_0..] from the forward's output gradients (one, or one per layer);
     dx / dW_cat are empty when not needed. The factors' gradients are taken in their dtype (dY cast
     to it, as autograd does through PEFT's mixed-dtype sum), dx in x's."""
@@ -311,6 +316,13 @@ def _grouped_backward(grad_ys: list[torch.Tensor], x: torch.Tensor, weights: lis
     return [grad_x, grad_weight, *[g.clone() for g in grad_a.split(ranks)], *grad_b]
 
 
+@torch.library.custom_op("slora::grouped_lora_backward", mutates_args=())
+def _grouped_backward(grad_ys: list[torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor],
+                      lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], s: torch.Tensor, scales: list[float],
+                      dropout_p: float, seed: int, need_x: bool, need_weight: bool) -> list[torch.Tensor]:
+    return _backward_impl(grad_ys, x, weights, lora_a, lora_b, s, scales, dropout_p, seed, need_x, need_weight)
+
+
 @_grouped_backward.register_fake
 def _grouped_backward_fake(grad_ys, x, weights, lora_a, lora_b, s, scales, dropout_p, seed, need_x, need_weight):
     w_cat = (sum(b.shape[0] for b in lora_b), x.shape[1])
@@ -326,20 +338,58 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, output[-1], *weights, *lora_a, *lora_b)
 
 
-def _backward(ctx, grads):
+def _input_grads(ctx, grads, run_backward):
+    """(dx, [dW_i], db, [dA_i], [dB_i]) from the output gradients, computed by run_backward (the
+    backward op, or its body on the eager path); None where no gradient is needed."""
     x, s, *saved = ctx.saved_tensors
     (n_weights, groups), (need_x, need_weight, need_bias) = ctx.sizes, ctx.need
     weights, lora_a, lora_b = saved[:n_weights], saved[n_weights:n_weights + groups], saved[n_weights + groups:]
     grad_ys = [g.contiguous() for g in grads[:-1]]  # the last output, S, is internal: its gradient is zero
-    grads = torch.ops.slora.grouped_lora_backward(grad_ys, x, weights, lora_a, lora_b, s, *ctx.args,
-                                                  need_x, need_weight)
+    grads = run_backward(grad_ys, x, list(weights), list(lora_a), list(lora_b), s, *ctx.args, need_x, need_weight)
     grad_weights = list(grads[1].split([w.shape[0] for w in weights])) if need_weight else [None] * n_weights
     grad_bias = torch.cat([g.sum(0) for g in grad_ys]) if need_bias else None
-    return (grads[0] if need_x else None, grad_weights, grad_bias, grads[2:2 + groups], grads[2 + groups:],
-            None, None, None)
+    return grads[0] if need_x else None, grad_weights, grad_bias, grads[2:2 + groups], grads[2 + groups:]
+
+
+def _backward(ctx, grads):
+    return (*_input_grads(ctx, grads, torch.ops.slora.grouped_lora_backward), None, None, None)
 
 
 _grouped_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerGroupedLora(torch.autograd.Function):
+    """The eager path: the same forward and backward bodies as the custom ops, without torch.library's
+    per-call wrapping (pytree flattening, redispatch, a dynamo-disable frame per op), which costs more
+    host time than a GPU needs for a whole layer at a few thousand tokens. The custom ops stay for
+    torch.compile (traced) and autocast (their registered casts)."""
+
+    @staticmethod
+    def forward(ctx, spec, x, *tensors):
+        n_weights, has_bias, groups, scales, dropout_p, seed = spec
+        weights = list(tensors[:n_weights])
+        bias = tensors[n_weights] if has_bias else None
+        lora_a = list(tensors[n_weights + has_bias:n_weights + has_bias + groups])
+        lora_b = list(tensors[n_weights + has_bias + groups:])
+        outputs = _forward_impl(x, weights, bias, lora_a, lora_b, scales, dropout_p, seed)
+        _setup_context(ctx, (x, weights, bias, lora_a, lora_b, scales, dropout_p, seed), outputs)
+        ctx.has_bias = has_bias
+        ctx.mark_non_differentiable(outputs[-1])
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grad_x, grad_weights, grad_bias, grad_a, grad_b = _input_grads(ctx, grads, _backward_impl)
+        return (None, grad_x, *grad_weights, *([grad_bias] if ctx.has_bias else []), *grad_a, *grad_b)
+
+
+def _run_forward(x, weights, bias, lora_a, lora_b, scales, dropout_p, seed) -> list[torch.Tensor]:
+    """The forward op through the custom op when compiling or under autocast, else the eager Function."""
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+        return torch.ops.slora.grouped_lora_forward(x, weights, bias, lora_a, lora_b, scales, dropout_p, seed)
+    spec = (len(weights), bias is not None, len(lora_a), scales, dropout_p, seed)
+    optional_bias = [bias] if bias is not None else []
+    return list(_EagerGroupedLora.apply(spec, x, *weights, *optional_bias, *lora_a, *lora_b))
 
 
 # ----------------------------------------------------------------------------- autocast
