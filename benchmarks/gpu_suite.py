@@ -70,6 +70,7 @@ class Row:
     target: str = ""
     met: bool | None = None
     extra: dict = field(default_factory=dict)
+    predicted_ratio: float | None = None  # the v2 design's H200 roofline (benchmarks/roofline.py), GPU runs only
 
 
 # ----------------------------------------------------------------------------- harness
@@ -397,12 +398,22 @@ def print_table(checks: list[dict], rows: list[Row]) -> None:
     for c in checks:
         print(f"  {'PASS' if c['passed'] else 'FAIL'}  {c['check']:45} {c['dtype']:9} "
               f"rel_err={c['rel_err']:.2e} (tol {c['tolerance']:.0e})")
-    print(f"\n| {'section':15} | {'case':52} | {'median ms':>9} | {'ratio':>6} | target | met |")
-    print(f"|{'-' * 17}|{'-' * 54}|{'-' * 11}|{'-' * 8}|--------|-----|")
+    print(f"\n| {'section':15} | {'case':52} | {'median ms':>9} | {'ratio':>6} | {'pred.':>6} | target | met |")
+    print(f"|{'-' * 17}|{'-' * 54}|{'-' * 11}|{'-' * 8}|{'-' * 8}|--------|-----|")
     for r in rows:
-        ratio = f"{r.ratio:6.3f}" if r.ratio is not None else "      "
+        ratio, predicted = (f"{v:6.3f}" if v is not None else "      " for v in (r.ratio, r.predicted_ratio))
         met = {True: "yes", False: "NO", None: ""}[r.met]
-        print(f"| {r.section:15} | {r.case:52} | {r.ms:9.3f} | {ratio} | {r.target} | {met} |")
+        print(f"| {r.section:15} | {r.case:52} | {r.ms:9.3f} | {ratio} | {predicted} | {r.target} | {met} |")
+
+
+def attach_predictions(rows: list[Row], config: Config) -> None:
+    """Each row's predicted H200 ratio from the roofline of the v2 design, matched by section and case, so
+    the table shows how far a measured ratio is from what the design allows."""
+    import roofline
+
+    predicted = roofline.predicted_ratios(config)
+    for row in rows:
+        row.predicted_ratio = predicted.get(roofline.row_key(row.section, row.case))
 
 
 def run_step(suite: Suite, step) -> None:
@@ -436,10 +447,12 @@ def run(args) -> int:
         return 2
     suite = Suite(torch, config)
     started = time.time()
-    for step in (check_pack, check_activation_sq, check_fisher, check_grouped_lora,
-                 time_linear, time_groups, time_statistics):
-        run_step(suite, step)
+    for step in STEPS:
+        if args.only is None or step.__name__ in args.only:
+            run_step(suite, step)
     failed = [c for c in suite.checks if not c["passed"]]
+    if config.device == "cuda":  # the model is of the GPU shapes; at dry-run sizes it would mean nothing
+        attach_predictions(suite.rows, config)
     print_table(suite.checks, suite.rows)
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -456,11 +469,16 @@ def run(args) -> int:
     return 1 if failed else 0
 
 
+STEPS = (check_pack, check_activation_sq, check_fisher, check_grouped_lora, time_linear, time_groups, time_statistics)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the results as JSON to this path")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU: same code paths, no GPU")
     parser.add_argument("--no-install", action="store_true", help="skip `pip install -e .` (already installed)")
+    parser.add_argument("--only", nargs="+", choices=[step.__name__ for step in STEPS],
+                        help="run these steps alone (a rerun that must fit a short GPU lease)")
     args = parser.parse_args()
     if not args.dry_run and not args.no_install:
         start = time.time()
