@@ -15,7 +15,7 @@ from lora_helpers import (assert_mixed_dtype_group_matches_float64, batch, rando
 from slora_kernels import unfuse
 from slora_kernels.ops import grouped_lora, utils
 from slora_kernels.triton import lora_kernels
-from slora_kernels.triton.lora_kernels import lora_expand, lora_grad_sb, segment_layout, token_bucket
+from slora_kernels.triton.lora_kernels import lora_expand, lora_grad_sb, segment_layout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}
@@ -125,10 +125,6 @@ def test_layout_pads_each_rank_to_its_chunk_not_to_the_group_max():
     assert layout.column_tiles.tolist() == [[0, 0, 0], [0, 16, 0], [0, 32, 0], [1, 0, 0]]
     # one rank chunk for r = 1 per column tile; ceil(70 / 32) = 3 for r = 70 (not padded to the group max).
     assert layout.grad_tiles.tolist() == [[0, n, 0] for n in (0, 16, 32)] + [[1, 0, k] for k in (0, 32, 64)]
-
-
-def test_token_bucket_is_the_next_power_of_two():
-    assert [token_bucket(n) for n in (1, 2, 3, 4096, 4097)] == [1, 2, 4, 4096, 8192]
 
 
 @pytest.fixture

@@ -3,6 +3,9 @@
 CUDA tensors go to the fused Triton kernels (slora_kernels.triton.sensitivity_kernels); CPU
 tensors take a plain PyTorch path in fp32 (squares materialised, per-sample gradients built in
 bounded chunks), which is exact and fast there. Accumulators are fp32; inputs fp32/bf16/fp16.
+On CUDA, fp32 inputs use tf32x3 tensor-core products (about fp32 accuracy) and 16-bit inputs exact
+products, all summed in fp32, except the per-token Fisher on 16-bit inputs: its squares are rounded
+once to bf16 for the tensor cores, so each entry is within 2^-7 + 2^-16 (relative) of the exact sum.
 """
 from __future__ import annotations
 
@@ -70,7 +73,8 @@ def activation_sq_accumulate(acc: torch.Tensor, x: torch.Tensor, mask: torch.Ten
     return acc.addmv_(squares.t(), squares.new_ones(squares.shape[0]))
 
 
-def fisher_diag_accumulate(acc: torch.Tensor, x: torch.Tensor, g: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
+def fisher_diag_accumulate(acc: torch.Tensor, x: torch.Tensor, g: torch.Tensor,
+                           per_sample: bool = False) -> torch.Tensor:
     """Empirical Fisher diagonal of a linear layer's weight, accumulated; returns acc.
 
     acc: fp32 [d_out, d_in]; x: [B, T, d_in] (inputs), g: [B, T, d_out] (loss gradients of the
@@ -89,7 +93,8 @@ def fisher_diag_accumulate(acc: torch.Tensor, x: torch.Tensor, g: torch.Tensor, 
     if g.shape[-1] != d_out:
         raise ValueError(f"g must have last dimension d_out={d_out} (acc is [d_out, d_in]), got shape {tuple(g.shape)}")
     if g.shape[:2] != x.shape[:2]:
-        raise ValueError(f"g must have the batch and token dimensions of x {tuple(x.shape[:2])}, got {tuple(g.shape[:2])}")
+        raise ValueError(f"g must have the batch and token dimensions of x {tuple(x.shape[:2])}, "
+                         f"got {tuple(g.shape[:2])}")
     if g.dtype != x.dtype:
         raise TypeError(f"g must have the dtype of x ({x.dtype}), got {g.dtype}")
     _check_device("x", x, acc)

@@ -33,7 +33,6 @@ TRITON_INTERPRET=1 only the first config runs. Addresses are computed in int64.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,15 +40,16 @@ import torch
 import triton
 import triton.language as tl
 
+from slora_kernels.triton import INTERPRET
+
 BLOCK_N = 128
 PROGRAMS_PER_SM = 4
 MIN_SPLIT_TOKENS = 128  # the backward splits tokens no finer than this (each split adds its dB tile once)
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _configs(*options: tuple[int, int, int]) -> list[triton.Config]:
     """(BLOCK_M, num_warps, num_stages) options; the interpreter runs the first alone."""
-    chosen = options[:1] if INTERPRETED else options
+    chosen = options[:1] if INTERPRET else options
     return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s) for m, w, s in chosen]
 
 
@@ -186,11 +186,6 @@ def _accumulator(*tensors: torch.Tensor):
     return (tl.float64, torch.float64) if wide else (tl.float32, torch.float32)
 
 
-def token_bucket(n_tokens: int) -> int:
-    """The autotuning key's token count: the next power of two, so new sequence lengths reuse a tuning."""
-    return 1 << max(n_tokens - 1, 0).bit_length()
-
-
 def lora_expand(s: torch.Tensor, b_flat: torch.Tensor, bias: torch.Tensor | None, layout: SegmentLayout,
                 out_dtype: torch.dtype) -> torch.Tensor:
     """C [N, D] in out_dtype with C[:, cols_i] = scales[i] * S_i B_i^T (+ bias); s [N, R] row-major."""
@@ -200,7 +195,7 @@ def lora_expand(s: torch.Tensor, b_flat: torch.Tensor, bias: torch.Tensor | None
     wide = acc == tl.float64
     grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_M"]), layout.column_tiles.shape[0])  # noqa: E731
     _expand_kernel[grid](s, b_flat, bias if bias is not None else c, c, layout.meta, layout.scale_tensor(wide),
-                         layout.column_tiles, n_tokens, s.stride(0), c.stride(0), token_bucket(n_tokens),
+                         layout.column_tiles, n_tokens, s.stride(0), c.stride(0), triton.next_power_of_2(n_tokens),
                          layout.total_out, layout.total_rank, HAS_BIAS=bias is not None, BLOCK_N=layout.block_n,
                          BLOCK_R=layout.block_r, ACC=acc)
     return c
@@ -223,6 +218,6 @@ def lora_grad_sb(dy: torch.Tensor, s: torch.Tensor, b_flat: torch.Tensor,
     db = torch.zeros((layout.b_numel,), dtype=acc_dtype, device=dy.device)
     grid = (layout.grad_tiles.shape[0], token_splits(n_tokens, layout, dy.device))
     _grad_sb_kernel[grid](dy, s, b_flat, ds, db, layout.meta, layout.scale_tensor(acc == tl.float64),
-                          layout.grad_tiles, n_tokens, dy.stride(0), s.stride(0), ds.stride(0), token_bucket(n_tokens),
+                          layout.grad_tiles, n_tokens, dy.stride(0), s.stride(0), ds.stride(0), triton.next_power_of_2(n_tokens),
                           layout.total_out, layout.total_rank, BLOCK_N=layout.block_n, BLOCK_R=layout.block_r, ACC=acc)
     return ds, db
