@@ -145,11 +145,13 @@ class Suite:
 # ----------------------------------------------------------------------------- references (float64)
 
 
-def ref_linear_lora(torch, x, weights, biases, lora_a, lora_b, scales):
+def ref_linear_lora(torch, x, weights, biases, lora_a, lora_b, scales, keep=None, p=0.0):
+    """float64 outputs; `keep` (bool, x's shape) is the dropout mask of the LoRA branch's input."""
     x64 = x.double()
+    dropped = x64 if keep is None else x64 * keep.to(x.device) / (1.0 - p)
     outs = []
     for w, b, a, bb, s in zip(weights, biases, lora_a, lora_b, scales):
-        y = x64 @ w.double().T + s * (x64 @ a.double().T) @ bb.double().T
+        y = x64 @ w.double().T + s * (dropped @ a.double().T) @ bb.double().T
         outs.append(y + b.double() if b is not None else y)
     return outs
 
@@ -210,26 +212,30 @@ def check_grouped_lora(suite: Suite) -> None:
     from slora_kernels.ops import grouped_lora
 
     torch = suite.torch
+    from slora_kernels.ops._hash_dropout import keep_mask
+
+    # Ranks 1..130 (one and several rank chunks, one layer over 128), token count and widths not
+    # multiples of any tile, dropout drawn in the kernel: checked against the CPU hash's mask.
+    ranks, d_in, d_outs, scales, p = (5, 1, 17, 130, 3), 67, (45, 23, 31, 150, 9), [2.0, 0.5, 1.0, -0.7, 1.5], 0.2
     for dtype_name in suite.cfg.dtype_names:
         dtype = suite.dtype(dtype_name)
-        ranks, d_in, d_outs = (5, 1, 17), 67, (45, 23, 31)
-        x = suite.randn(2, 19, d_in, dtype=dtype).requires_grad_(True)
+        x = suite.randn(3, 67, d_in, dtype=dtype).requires_grad_(True)
         weights = [suite.randn(o, d_in, dtype=dtype, scale=0.1) for o in d_outs]
-        biases = [suite.randn(d_outs[0], dtype=dtype), None, suite.randn(d_outs[2], dtype=dtype)]
+        biases = [suite.randn(o, dtype=dtype) if i % 2 == 0 else None for i, o in enumerate(d_outs)]
         lora_a = [suite.randn(r, d_in, dtype=dtype, scale=0.1).requires_grad_(True) for r in ranks]
         lora_b = [suite.randn(o, r, dtype=dtype, scale=0.1).requires_grad_(True) for o, r in zip(d_outs, ranks)]
-        scales = [2.0, 0.5, 1.0]
         poison_allocator(torch, suite.cfg.device)
-        outs = grouped_lora(x, weights, biases, lora_a, lora_b, scales)
+        outs = grouped_lora(x, weights, biases, lora_a, lora_b, scales, dropout_p=p, seed=11)
         grads = [suite.randn(*o.shape, dtype=dtype) for o in outs]
         torch.autograd.backward(outs, grads)
 
         leaves64 = [t.detach().double().requires_grad_(True) for t in [x, *lora_a, *lora_b]]
         x64, a64, b64 = leaves64[0], leaves64[1 : 1 + len(ranks)], leaves64[1 + len(ranks) :]
-        refs = ref_linear_lora(torch, x64, weights, biases, a64, b64, scales)
+        keep = keep_mask(x.numel(), p, 11).view(x.shape)
+        refs = ref_linear_lora(torch, x64, weights, biases, a64, b64, scales, keep, p)
         torch.autograd.backward(refs, [g.double() for g in grads])
         pairs = list(zip(outs, refs)) + [(t.grad, r.grad) for t, r in zip([x, *lora_a, *lora_b], leaves64)]
-        suite.check("grouped_lora forward + all gradients", dtype_name, pairs)
+        suite.check("grouped_lora forward + all gradients (dropout 0.2)", dtype_name, pairs)
 
 
 # ----------------------------------------------------------------------------- timings
