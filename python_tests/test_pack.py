@@ -3,6 +3,7 @@
 pack is a pure copy, so the reference is exact for every dtype: torch.zeros + slice assignment.
 """
 import random
+import sys
 
 import pytest
 import torch
@@ -128,6 +129,17 @@ def test_torch_compile_of_a_function_calling_pack():
         (lambda: unpack(torch.randn(8, 4), torch.tensor([0, 4, 9]), [3, 5]), ValueError, "offsets do not match rows"),
         (lambda: unpack(torch.randn(8, 4), torch.tensor([0.0, 8.0]), [3]), TypeError, "offsets must have dtype"),
         (lambda: unpack(torch.randn(8, 4), torch.tensor([0, 8]), []), ValueError, "rows must list"),
+        # A bad segment after good ones: the one-pass check finds it, the named checks say what is wrong.
+        (lambda: pack([torch.randn(2, 4)] * 3 + ["x"]), TypeError, r"tensors\[3\] must be a torch.Tensor, got str"),
+        (lambda: pack([torch.randn(2, 4)] * 5 + [torch.randn(2, 4, 1)]), ValueError, r"tensors\[5\] must be 2-D"),
+        (lambda: pack([torch.randn(2, 4)] * 2 + [torch.randn(2, 5)]), ValueError,
+         r"tensors\[2\] has 5 columns, expected 4 like tensors\[0\]"),
+        (lambda: pack([torch.randn(2, 4)] * 4 + [torch.randn(2, 4).half()]), TypeError,
+         r"tensors\[4\] has dtype torch.float16, expected torch.float32 like tensors\[0\]"),
+        (lambda: unpack(torch.randn(8, 4), torch.tensor([0, 4, 8]), [4, True]), ValueError, "rows must be non-neg"),
+        (lambda: unpack(torch.randn(8, 4), torch.tensor([0, 4, 8]), [4, -1]), ValueError, "rows must be non-negative"),
+        (lambda: unpack(torch.randn(8, 4), torch.tensor([0, 4, 8]), [4, 2.0]), ValueError, "rows must be non-negative"),
+        (lambda: unpack(torch.randn(6, 4), torch.tensor([0, 4, 8]), [4, 4]), ValueError, "the buffer has 6 rows"),
     ],
 )
 def test_bad_input_names_the_argument(call, error, message):
@@ -135,11 +147,60 @@ def test_bad_input_names_the_argument(call, error, message):
         call()
 
 
+def test_offsets_are_cached_per_layout_and_fit_any_segments_of_those_rows():
+    """Two lists of the same row counts share one offsets tensor; each buffer still holds its own list."""
+    first, second = ([torch.randn(r, 6) for r in (3, 1, 5)] for _ in range(2))
+    buffer_a, offsets_a = pack(first, align=4)
+    buffer_b, offsets_b = pack(second, align=4)
+    assert offsets_b is offsets_a and offsets_a.tolist() == [0, 4, 8, 16]
+    assert torch.equal(buffer_a, reference_pack(first, 4)[0]) and torch.equal(buffer_b, reference_pack(second, 4)[0])
+    assert pack(first, align=8)[1].tolist() == [0, 8, 16, 24]
+    assert pack([torch.randn(r, 6) for r in (3, 2, 5)], align=4)[1].tolist() == [0, 4, 8, 16]
+    assert pack([torch.randn(r, 6) for r in (3, 1, 5)], align=4)[1] is offsets_a
+    offsets_a += 1  # a caller's in-place change does not leak into later calls
+    buffer_c, offsets_c = pack(first, align=4)
+    assert offsets_c is not offsets_a and offsets_c.tolist() == [0, 4, 8, 16]
+    assert torch.equal(buffer_c, buffer_a)
+
+
+def test_offsets_cached_under_inference_mode_still_serve_autograd():
+    with torch.inference_mode():
+        _, offsets = pack([torch.randn(r, 3) for r in (7, 2)], align=16)
+    assert not offsets.is_inference()
+    segments = [torch.randn(r, 3, requires_grad=True) for r in (7, 2)]
+    buffer, again = pack(segments, align=16)
+    assert again is offsets
+    buffer.sum().backward()
+    assert all(torch.equal(s.grad, torch.ones_like(s)) for s in segments)
+
+
+def test_unpack_reads_offsets_from_the_tensor_only_when_new_or_changed(monkeypatch):
+    """pack's offsets are never read back (on CUDA each read waits for the GPU); other offsets once per version."""
+    reads, tolist = [], torch.Tensor.tolist
+
+    def counted_tolist(self):  # counts unpack's own reads (the PyTorch fallback op reads offsets too)
+        if sys._getframe(1).f_globals["__name__"] == "slora_kernels.ops.pack":
+            reads.append(1)
+        return tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+    segments = [torch.randn(r, 5) for r in (4, 4)]
+    buffer, offsets = pack(segments, align=1)
+    assert all(torch.equal(a, b) for a, b in zip(unpack(buffer, offsets, [4, 4]), segments)) and not reads
+    mine = torch.tensor([0, 4, 8])
+    unpack(buffer, mine, [4, 4])
+    unpack(buffer, mine, [4, 4])
+    assert len(reads) == 1
+    mine[1] = 2  # an in-place change bumps the version: read again, and checked again
+    with pytest.raises(ValueError, match="segment 0 spans rows 0..4 but the next segment starts at 2"):
+        unpack(buffer, mine, [4, 4])
+    assert len(reads) == 2
+
+
 def test_fallback_without_extension_warns_and_matches(tmp_path):
     """With the compiled extension unavailable, the package warns once and packs the same."""
     import os
     import subprocess
-    import sys
 
     script = (
         "import warnings, torch\n"
@@ -172,3 +233,22 @@ def test_cuda_pack_matches_cpu(dtype):
     assert torch.equal(buffer.cpu(), expected)
     restored = unpack(buffer, offsets, [s.shape[0] for s in segments])
     assert all(torch.equal(a.cpu(), b) for a, b in zip(restored, segments))
+
+
+@pytest.mark.cuda
+def test_cuda_segment_tables_follow_moved_and_changed_segments():
+    """The binding reuses the device table of an identical call: same addresses reuse it (and see new values),
+    other segments of the same rows get their own, and tables on another stream are not shared."""
+    segments = [torch.randn(r, 33, device="cuda") for r in (5, 1, 9)]
+    for _ in range(2):
+        buffer, _ = pack(segments, align=8)
+        assert torch.equal(buffer.cpu(), reference_pack([s.cpu() for s in segments], 8)[0])
+        segments[1].mul_(2)  # same address, new values
+    moved = [s.clone() + 1 for s in segments]
+    assert torch.equal(pack(moved, align=8)[0].cpu(), reference_pack([s.cpu() for s in moved], 8)[0])
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        buffer, offsets = pack(segments, align=8)
+        restored = unpack(buffer, offsets, [5, 1, 9])
+    side.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(restored, segments))
