@@ -5,6 +5,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from slora_kernels import fuse
+from slora_kernels.layers import is_linear_like
 from slora_kernels.ops import _hash_dropout as hash_dropout
 
 MINILM_TARGETS = ["query", "key", "value", "dense"]
@@ -48,10 +49,9 @@ def seeded_keep(x, p, seed):
 
 
 def random_pattern(model, targets, seed):
-    """A random rank_pattern (ranks 1..16) and alpha_pattern over every targeted Linear."""
+    """A random rank_pattern (ranks 1..16) and alpha_pattern over every targeted Linear or Conv1D."""
     rng = random.Random(seed)
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+    names = [n for n, m in model.named_modules() if is_linear_like(m) and n.rsplit(".", 1)[-1] in targets]
     return ({n: rng.randint(1, 16) for n in names}, {n: rng.choice([4, 8, 16, 32]) for n in names})
 
 
@@ -87,8 +87,8 @@ def logits_and_grads(model, inputs):
     return logits.detach(), grads
 
 
-def tiny_fused_bert():
-    """A 2-layer BERT built from a config (no download), LoRA with random ranks, fused."""
+def tiny_lora_bert():
+    """A 2-layer BERT built from a config (no download), LoRA with random ranks and random B, not fused."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
@@ -103,10 +103,29 @@ def tiny_fused_bert():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.1)
-    return fuse(model).train()
+    return model
+
+
+def tiny_fused_bert():
+    """`tiny_lora_bert`, fused, in training mode."""
+    return fuse(tiny_lora_bert()).train()
+
+
+def lora_grads(model):
+    """LoRA gradients by parameter name as one process holds them: DDP's "module." prefix dropped and
+    FSDP2's sharded gradients gathered (a collective there: every rank must call it)."""
+    from torch.distributed.tensor import DTensor
+
+    return {n.removeprefix("module."): p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad.clone()
+            for n, p in model.named_parameters() if "lora_" in n}
 
 
 BATCH, TOKENS = 4, 9
+
+
+def batch_rows(rank, world):
+    """The rows of `batch()` that rank holds when the batch is split over world processes."""
+    return slice(rank * BATCH // world, (rank + 1) * BATCH // world)
 
 
 def batch():

@@ -3,20 +3,16 @@ process on the whole batch."""
 import pytest
 import torch
 from gloo_workers import spawn_gloo
-from lora_helpers import BATCH, batch, tiny_fused_bert
+from lora_helpers import batch, batch_rows, lora_grads, tiny_fused_bert
 
 WORLD = 2
-
-
-def lora_grads(model):
-    return {n.removeprefix("module."): p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
 def worker(rank, world, out_path):
     model = torch.nn.parallel.DistributedDataParallel(tiny_fused_bert())
     ids, labels = batch()
-    shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-    model(input_ids=ids[shard], labels=labels[shard]).loss.backward()
+    rows = batch_rows(rank, world)
+    model(input_ids=ids[rows], labels=labels[rows]).loss.backward()
     if rank == 0:
         torch.save(lora_grads(model), out_path)
 

@@ -20,6 +20,7 @@ import torch
 from peft.tuners import lora
 from torch import nn
 
+from slora_kernels.layers import linear_weight
 from slora_kernels.nn.stats import FusionRecorder
 from slora_kernels.ops.grouped_lora import grouped_lora_unchecked, stack_biases, stacks_outputs
 
@@ -29,6 +30,21 @@ def has_hooks(module: nn.Module) -> bool:
     replaced on the instance (accelerate's `_hf_hook`, e.g. device_map offload)."""
     return bool(module._forward_hooks or module._forward_pre_hooks or "_hf_hook" in module.__dict__
                 or "forward" in module.__dict__)
+
+
+def fsdp_managed(module: nn.Module) -> bool:
+    """Whether FSDP shards module's parameters: fully_shard and FullyShardedDataParallel both mark every
+    module they manage with this flag (torch.compile reads it)."""
+    return getattr(module, "_is_fsdp_managed_module", False)
+
+
+def fsdp_unit(module: nn.Module) -> bool:
+    """Whether `fully_shard` was applied to module itself, not to a block holding it."""
+    if not fsdp_managed(module):
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
 
 
 class LoraGroup:
@@ -87,12 +103,17 @@ class LoraGroup:
 
         CUDA's one base GEMM needs W_cat [sum d_out, d_in]: a copy of the frozen weights, cached
         while they are unchanged (a second copy of those weights in memory). CPU computes a GEMM
-        per layer and takes the weights as they are, without a copy.
+        per layer and takes the weights as they are, without a copy. A Conv1D base (GPT-2, PEFT's
+        fan_in_fan_out) stores [d_in, d_out]: the op gets its transposed view, and the cache key stays
+        on the parameters (a view is a new object on every call). Weights FSDP manages (fully_shard or
+        FullyShardedDataParallel) are never cached: FSDP frees their unsharded copies after each forward,
+        and a cached W_cat would keep a full copy of them alive between steps; they are stacked per call.
         """
-        weights = [m.base_layer.weight for m in members]
         biases = [m.base_layer.bias for m in members]
-        params = [p for p in weights + biases if p is not None]
-        if len(members) == 1 or not stacks_outputs(weights[0]) or any(p.requires_grad for p in params):
+        params = [p for p in [m.base_layer.weight for m in members] + biases if p is not None]
+        weights = [linear_weight(m.base_layer) for m in members]
+        if (len(members) == 1 or not stacks_outputs(weights[0]) or any(p.requires_grad for p in params)
+                or any(fsdp_managed(m.base_layer) for m in members)):
             return weights, stack_biases(weights, biases)
         key = tuple((id(p), p.data_ptr(), p._version) for p in params)
         if key != self._stacked_key:
@@ -128,7 +149,8 @@ class FusedLoraLinear(lora.Linear):
                 return "dtype"
         if type(self.lora_dropout[adapter]) not in (nn.Dropout, nn.Identity):
             return "dropout"
-        if has_hooks(self.base_layer) or has_hooks(lora_a) or has_hooks(lora_b):
+        # A layer that is its own FSDP unit: its group-mates' weights, in other units, are sharded when it runs.
+        if has_hooks(self.base_layer) or has_hooks(lora_a) or has_hooks(lora_b) or fsdp_unit(self):
             return "hooks"
         return None
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from peft.tuners import lora
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from slora_kernels.nn.fused import FusedLoraLinear, LoraGroup, has_hooks
 from slora_kernels.nn.stats import FusionRecorder, FusionStats
@@ -26,11 +27,13 @@ def fuse(peft_model: nn.Module, example_inputs: Mapping[str, Any] | None = None)
 
     example_inputs: keyword inputs for the probe forward that finds shared-input groups; default
     the base model's `dummy_inputs` (every transformers model has them). Layers PEFT builds with
-    options the fused path does not implement (DoRA and other LoRA variants, lora_bias,
-    fan_in_fan_out, a base layer that is not a plain nn.Linear, e.g. quantised) and layers whose
+    options the fused path does not implement (DoRA and other LoRA variants, lora_bias, a base
+    layer that is not a plain nn.Linear or transformers Conv1D, e.g. quantised) and layers whose
     base_layer / lora_A / lora_B carry forward hooks (e.g. accelerate's device_map offload, which
     the fused op would bypass) stay stock PEFT layers, with a warning naming them.
-    `fusion_stats(model)` then counts the forward calls that took the fused path.
+    `fusion_stats(model)` then counts the forward calls that took the fused path. Under FSDP2, fuse
+    before or after `fully_shard`, on every rank (there the probe forward is collective); after
+    `get_peft_model` in any case, which must itself come before sharding.
     """
     unfuse(peft_model)
     layers, skipped = {}, []
@@ -76,10 +79,8 @@ def fusion_stats(peft_model: nn.Module, reset: bool = False) -> FusionStats:
 def _unsupported(module: lora.Linear) -> str | None:
     if type(module) is not lora.Linear:
         return f"{type(module).__name__} is a PEFT LoRA layer for a quantised or special base"
-    if type(module.base_layer) is not nn.Linear:
-        return f"base layer is {type(module.base_layer).__name__}, not torch.nn.Linear"
-    if module.fan_in_fan_out:
-        return "fan_in_fan_out=True"
+    if type(module.base_layer) not in (nn.Linear, Conv1D):  # Conv1D: GPT-2's, PEFT's fan_in_fan_out=True
+        return f"base layer is {type(module.base_layer).__name__}, not torch.nn.Linear or transformers' Conv1D"
     if module.lora_variant:
         variants = sorted({type(v).__name__ for v in module.lora_variant.values()})
         return f"LoRA variant {', '.join(variants)} (e.g. DoRA) is not fused"
@@ -124,6 +125,7 @@ def _shared_input_groups(model: nn.Module, layers: dict[str, lora.Linear],
             hook.remove()
         for module, mode in modes.items():
             module.training = mode
+        _reshard(model)
     groups: dict[tuple, list[str]] = {}
     for name, module in layers.items():
         calls = seen[name]
@@ -131,6 +133,19 @@ def _shared_input_groups(model: nn.Module, layers: dict[str, lora.Linear],
         key = (id(calls[0]), _dropouts(module)) if len(calls) == 1 else (name,)
         groups.setdefault(key, []).append(name)
     return list(groups.values())
+
+
+def _reshard(model: nn.Module) -> None:
+    """Reshard a model already under FSDP2: its root keeps its parameters unsharded after a forward until
+    the backward, which the probe has none of, so an optimizer built next would hold the unsharded
+    tensors and its updates would be lost at the next reshard (and the memory kept)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _dropouts(module: lora.Linear) -> tuple:

@@ -13,7 +13,8 @@ PEFT computes; the reasons, by name:
 - "dropout": a lora_dropout module other than torch.nn.Dropout / Identity
 - "arguments": extra forward arguments, e.g. PEFT's mixed-batch `adapter_names`
 - "hooks": forward hooks (or an accelerate hook) on base_layer, lora_A or lora_B, which the fused
-  op, reading their weights directly, would skip
+  op, reading their weights directly, would skip; or FSDP2's `fully_shard` applied to the LoRA layer
+  itself (its group-mates' weights, in FSDP units of their own, are still sharded when it runs)
 
 Calls traced by torch.compile are not counted: a Python counter inside a compiled region would be
 frozen into the graph (or force a recompile on every call).

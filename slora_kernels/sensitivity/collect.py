@@ -1,4 +1,6 @@
-"""Estimators: hooks on the target nn.Linear modules that fill one fp32 accumulator per matrix.
+"""Estimators: hooks on the target modules (nn.Linear, transformers' Conv1D) that fill one fp32 accumulator
+per matrix. Accumulators and diagonals are in nn.Linear's [d_out, d_in] orientation for both, so a Conv1D
+(weight stored [d_in, d_out]) reports what the equivalent nn.Linear would (`slora_kernels.layers`).
 
 - activation (the paper, forward only): acc[d_in] = sum_t x_t^2 over unmasked tokens; the
   Hessian diagonal is 2/n * acc, shared by all d_out rows. Modules fed the same input tensor
@@ -8,7 +10,7 @@
   token or sample count. L is the model's loss times the batch size, i.e. per-sample losses
   summed when the model averages over samples.
 - hutchinson (true Hessian diagonal, needs labels): acc += mean over probes of z * (H z),
-  Rademacher z from a seeded generator, H z by double backward restricted to the target
+  Rademacher z seeded per batch (see HutchinsonCollector), H z by double backward restricted to the target
   weights; averaged over batches. The estimate can dip below zero; its magnitude is reported.
 Padding tokens (attention_mask == 0) never count: the [B, T] mask is mapped onto each input
 of shape [B, T, d] (or [B*T, d]); inputs with other leading shapes (e.g. a pooled [B, d]) count
@@ -24,8 +26,9 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from slora_kernels.layers import features, linear_orientation
 from slora_kernels.ops.sensitivity import activation_sq_accumulate, fisher_diag_accumulate
-from slora_kernels.sensitivity.distributed import all_reduce_sum
+from slora_kernels.sensitivity.distributed import all_reduce_sum, rank_and_world
 
 
 def token_mask(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
@@ -45,7 +48,7 @@ class Collector(ABC):
 
     def __init__(self, targets: Mapping[str, nn.Linear], acc_shape: str):
         self.targets = dict(targets)
-        self.acc = {n: torch.zeros(m.in_features if acc_shape == "feature" else (m.out_features, m.in_features),
+        self.acc = {n: torch.zeros(features(m)[1:] if acc_shape == "feature" else features(m),
                                    dtype=torch.float32, device=m.weight.device) for n, m in self.targets.items()}
         self.tokens = {n: 0 for n in self.targets}
         self.samples = 0
@@ -175,25 +178,42 @@ class FisherCollector(Collector):
         return self.acc[name].double() / (self.samples if self.per_sample else self.tokens[name])
 
 
+def probe_generator(seed: int, batch: int) -> torch.Generator:
+    """The generator of global batch `batch`'s probes: seeded by (seed, batch) alone, whichever process runs
+    it. torch's CPU generator keeps 32 bits of a seed; within those, a run's batches get distinct seeds and
+    the golden-ratio multiplier puts different seeds' sequences far apart."""
+    return torch.Generator().manual_seed((seed * 0x9E3779B1 + batch) % 2**32)
+
+
 class HutchinsonCollector(Collector):
+    """Probes per batch: this rank's k-th batch is global batch k * world + rank, i.e. the batches are one
+    stream dealt round-robin over the ranks (as `batches[rank::world]` or accelerate's prepared DataLoader
+    deal them), and its probes come from `probe_generator(seed, k * world + rank)`. Ranks thus draw
+    different probes, and the all-reduced estimate equals one process's over the whole stream with the
+    same seed: the same batches with the same probes, summed in another order (fp32 rounding apart)."""
+
     def __init__(self, targets: Mapping[str, nn.Linear], probes: int, seed: int):
         super().__init__(targets, "matrix")
-        self.probes = probes
-        self.generator = torch.Generator().manual_seed(seed)
+        self.probes, self.seed = probes, seed
+        self.rank, self.world = rank_and_world()
 
     def step(self, model, batch, batch_size):
+        generator = probe_generator(self.seed, self.batches * self.world + self.rank)
         names = list(self.targets)
-        weights = [self.targets[n].weight for n in names]
+        modules = [self.targets[n] for n in names]
+        weights = [m.weight for m in modules]
         for w in weights:
             w.requires_grad_(True)
         try:  # the math attention backend is the one with a double backward
             with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
                 grads = torch.autograd.grad(_loss(model, batch, "hutchinson"), weights, create_graph=True)
                 for _ in range(self.probes):
-                    zs = [(torch.randint(0, 2, w.shape, generator=self.generator) * 2 - 1).to(w) for w in weights]
+                    # Drawn as [d_out, d_in], then laid out like each weight: a Conv1D gets its nn.Linear twin's z.
+                    signs = [torch.randint(0, 2, features(m), generator=generator) * 2 - 1 for m in modules]
+                    zs = [linear_orientation(m, z).to(w) for m, z, w in zip(modules, signs, weights)]
                     hvs = torch.autograd.grad(grads, weights, grad_outputs=zs, retain_graph=True)
-                    for n, z, hv in zip(names, zs, hvs):
-                        self.acc[n] += (z * hv).float() / self.probes
+                    for n, m, z, hv in zip(names, modules, zs, hvs):
+                        self.acc[n] += linear_orientation(m, z * hv).float() / self.probes
         finally:
             for w in weights:
                 w.requires_grad_(False)

@@ -9,6 +9,11 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes ((0, 1) outside torch.distributed)."""
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
 def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
     """In place: every rank ends with the sum over ranks (no-op in a single process).
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from slora_kernels.layers import features, is_conv1d
 from slora_kernels.ops.utils import check_int
 from slora_kernels.sensitivity.collect import (ActivationCollector, Collector, FisherCollector,
                                                HutchinsonCollector)
@@ -70,14 +71,18 @@ def estimate_sensitivity(model: nn.Module, batches: Iterable[Mapping], *, target
                          max_batches: int | None = None, progress: bool = True, per_sample: bool = False,
                          probes: int = 8, seed: int = 0, topk_fraction: float = 0.5, alpha: float = 0.85,
                          components: Components = "both", weighting: Weighting = "paper") -> SensitivityReport:
-    """Measure every target nn.Linear on calibration batches (dicts for model(**batch)).
+    """Measure every target nn.Linear or transformers Conv1D (GPT-2) on calibration batches (dicts for
+    model(**batch)). A Conv1D is reported as the equivalent nn.Linear ([d_out, d_in] shape and statistics),
+    flagged `fan_in_fan_out` so that `lora_config` sets PEFT's option of that name.
 
     estimator: "activation" (the paper: forward only, H = 2/n X X^T), "fisher" (empirical Fisher
     from the task loss, per token or per_sample; needs labels) or "hutchinson" (`probes`
     Rademacher probes per batch, seeded; needs labels). diag_layout: "parameter" counts every
     weight's diagonal entry (the paper's N = d_out * d_in, exact without materialising), "feature"
     the d_in input features (the mean over rows). Under torch.distributed each rank passes its
-    own batches and every rank gets the report of all of them.
+    own batches and every rank gets the report of all of them; for hutchinson, the report of one
+    process on the batches dealt round-robin to the ranks (rank r's k-th batch is batch k * world + r
+    of that process's), probes included (`HutchinsonCollector`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -100,7 +105,7 @@ def estimate_sensitivity(model: nn.Module, batches: Iterable[Mapping], *, target
         diag = collector.diagonal(name)
         if diag_layout == "feature" and diag.dim() == 2:
             diag = diag.mean(0)
-        repeat = module.out_features if diag_layout == "parameter" and diag.dim() == 1 else 1
+        repeat = features(module)[0] if diag_layout == "parameter" and diag.dim() == 1 else 1
         by_name[name] = metrics(diag, repeat=repeat, topk_fraction=topk_fraction, alpha=alpha)
     theta = combine(by_name, components=components, weighting=weighting)
     settings = {"estimator": estimator, "diag_layout": diag_layout, "topk_fraction": topk_fraction, "alpha": alpha,
@@ -110,5 +115,5 @@ def estimate_sensitivity(model: nn.Module, batches: Iterable[Mapping], *, target
         settings["per_sample"] = per_sample
     if estimator == "hutchinson":
         settings.update(probes=probes, seed=seed)
-    return SensitivityReport([MatrixSensitivity(n, (m.out_features, m.in_features), collector.tokens[n], by_name[n],
-                                                theta[n]) for n, m in targets.items()], settings)
+    return SensitivityReport([MatrixSensitivity(n, features(m), collector.tokens[n], by_name[n], theta[n], is_conv1d(m))
+                              for n, m in targets.items()], settings)

@@ -1,4 +1,5 @@
-"""Which nn.Linear modules to measure: PEFT's target_modules rules (regex full match, or name suffixes)."""
+"""Which modules to measure: nn.Linear and transformers' Conv1D (GPT-2), selected by PEFT's target_modules
+rules (regex full match, or name suffixes)."""
 from __future__ import annotations
 
 import re
@@ -6,15 +7,17 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from slora_kernels.layers import is_linear_like
+
 MAX_LISTED = 12
 
 
-def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> dict[str, nn.Linear]:
-    """Full module name -> nn.Linear for every Linear that `target_modules` selects.
+def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> dict[str, nn.Module]:
+    """Full module name -> module for every nn.Linear or Conv1D that `target_modules` selects.
 
     A string is a regex that must match the whole module name (as PEFT does); a list selects a
     module whose name equals an entry or ends with "." + entry. Raises ValueError listing the
-    model's Linear names when nothing matches.
+    model's Linear / Conv1D names when nothing matches.
     """
     if isinstance(target_modules, str):
         try:
@@ -31,11 +34,11 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> dict[
             return any(name == s or name.endswith("." + s) for s in suffixes)
     else:
         raise TypeError(f"target_modules must be a regex string or a non-empty list of names, got {target_modules!r}")
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {name: m for name, m in model.named_modules() if is_linear_like(m)}
     found = {name: m for name, m in linears.items() if selected(name)}
     if not found:
         names = list(linears)
         listed = ", ".join(names[:MAX_LISTED]) + (f", ... ({len(names)} in all)" if len(names) > MAX_LISTED else "")
         raise ValueError(f"target_modules={target_modules!r} matches no nn.Linear in the model; "
-                         f"candidates: {listed or 'none (the model has no nn.Linear)'}")
+                         f"candidates: {listed or 'none (the model has no nn.Linear nor Conv1D)'}")
     return found
