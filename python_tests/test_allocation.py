@@ -113,3 +113,29 @@ def test_thousand_matrices_under_50ms():
         best = min(best, (time.perf_counter() - start) / 2)
     assert sum(ranks.values()) == 8000
     assert best < 0.05
+
+
+def test_min_rank_zero_leaves_low_theta_matrices_out():
+    # quotas 0, 0.25, 9.75 -> floors 0, 0, 9 and the extra rank to c; zero theta stays at 0
+    assert allocate_ranks({"a": 0.0, "b": 1.0, "c": 39.0}, 10, min_rank=0) == {"a": 0, "b": 0, "c": 10}
+    rng = random.Random(7)
+    theta = {f"m{i:02d}": rng.random() ** 6 for i in range(36)}
+    cost = {n: rng.choice([768, 1920]) for n in theta}
+    for avg in (1, 2, 4, 8):
+        budget = avg * sum(cost.values())
+        ranks = allocate_ranks(theta, budget, min_rank=0, cost=cost)
+        spent = sum(cost[n] * r for n, r in ranks.items())  # rank-0 matrices cost nothing
+        assert spent <= budget < spent + max(cost.values())
+        assert min(ranks.values()) == 0 < max(ranks.values())  # skewed theta: some matrices get none
+
+
+@pytest.mark.parametrize("total,cost,text", [
+    (5, {"a": 10, "b": 20, "c": 30}, r"parameter budget=5 leaves every matrix at rank 0: .* costs 10"),
+    (9, {"a": 10, "b": 20, "c": 30}, r"leaves every matrix at rank 0"),
+])
+def test_min_rank_zero_budget_below_one_rank(total, cost, text):
+    with pytest.raises(ValueError, match=text):
+        allocate_ranks({"a": 1.0, "b": 2.0, "c": 3.0}, total, min_rank=0, cost=cost)
+    assert allocate_ranks({"a": 1.0, "b": 2.0, "c": 3.0}, 10, min_rank=0, cost=cost) == {"a": 1, "b": 0, "c": 0}
+    with pytest.raises(ValueError, match="min_rank must be >= 0, got -1"):
+        allocate_ranks({"a": 1.0}, 8, min_rank=-1)

@@ -81,7 +81,18 @@ def test_existing_output_folder_needs_overwrite(cli, tmp_path):
 
 def test_ranks_must_name_a_method_or_a_report(cli, tmp_path):
     line = one_line_error(cli("train", "--ranks", "lora++", "--out", tmp_path / "o"))
-    assert "--ranks must be uniform, sensitivity, adalora or a report file; lora++ is none of them" in line
+    assert "--ranks must be uniform, sensitivity, adalora, eva or a report file; lora++ is none of them" in line
+
+
+@pytest.mark.parametrize("args,text", [
+    (("--min-rank", "-1"), "--min-rank must be >= 0, got -1"),
+    (("--min-rank", "5", "--avg-rank", "4"), "--min-rank 5 is above --avg-rank 4: the parameters of uniform rank 4 "
+                                             "cannot give every matrix rank 5"),
+])
+def test_min_rank_bad_values(cli, tmp_path, args, text):
+    for command in ("analyze", "train"):
+        line = one_line_error(cli(command, *args, "--out", tmp_path / "o"))
+        assert line == f"slora {command}: error: {text}"
 
 
 @pytest.mark.slow

@@ -72,15 +72,50 @@ def test_train_from_report_saves_a_stock_peft_adapter(tmp_path, data, analyzed):
     assert "accuracy" in result.stdout and "Wrote" in result.stdout
 
 
-@pytest.mark.parametrize("ranks", ["uniform", "adalora"])
-def test_train_uniform_and_adalora(tmp_path, data, ranks):
+def test_min_rank_zero_leaves_matrices_out_of_the_config_and_the_adapter(tmp_path, data, analyzed):
+    from peft import LoraConfig, PeftModel
+
+    from slora_kernels import SensitivityReport
+    from slora_kernels.app.defaults import load_minilm_classifier
+
+    report = SensitivityReport.from_json(analyzed[0] / "sensitivity.json")
+    ranks = report.ranks(1, budget="params", min_rank=0)
+    adapted = {n: r for n, r in ranks.items() if r > 0}
+    assert 0 < len(adapted) < 36
+    out = tmp_path / "analyze"
+    result = slora("analyze", "--data", data, "--avg-rank", 1, "--min-rank", 0, "--out", out, *COMMON)
+    assert result.returncode == 0, result.stderr
+    assert sorted(LoraConfig.from_pretrained(str(out)).target_modules) == sorted(adapted)
+    assert f"{36 - len(adapted)} matrices at rank 0 get no adapter" in result.stdout
+    out = tmp_path / "train"
+    result = slora("train", "--data", data, "--ranks", analyzed[0] / "sensitivity.json", "--avg-rank", 1,
+                   "--min-rank", 0, "--max-steps", 1, "--out", out, *COMMON)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ranks"] == ranks
+    cost = {m.name: sum(m.shape) for m in report.matrices}
+    spent = sum(cost[n] * r for n, r in adapted.items())
+    assert metrics["lora_params"] == spent and sum(cost.values()) - max(cost.values()) < spent <= sum(cost.values())
+    model = PeftModel.from_pretrained(load_minilm_classifier(2)[0], str(out / "adapter"))
+    loaded = {n.removeprefix("base_model.model."): m.r["default"] for n, m in model.named_modules()
+              if hasattr(m, "r") and m.r}
+    assert loaded == adapted
+
+
+@pytest.mark.parametrize("ranks", ["uniform", "adalora", "eva"])
+def test_train_uniform_adalora_and_eva(tmp_path, data, ranks):
     out = tmp_path / ranks
     result = slora("train", "--data", data, "--ranks", ranks, "--max-steps", 1, "--out", out, *COMMON)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["method"] == ranks and metrics["steps"] == 1
+    assert metrics["method"] == ranks and metrics["steps"] == 1 and len(metrics["ranks"]) == 36
     per_rank = 4 * (384 + 384) + 2 * (384 + 1536)  # one rank on q, k, v, attn-out, intermediate, output
     expected = {"uniform": 4 * 6 * per_rank, "adalora": 6 * 6 * per_rank + 6 * 36}  # AdaLoRA: init 6, plus lora_E
+    if ranks == "eva":  # its SVD moves rank units between matrices (up to 2 r each) and keeps their sum
+        cost = {n: 384 + (1536 if n.endswith(("intermediate.dense", "output.dense")) and "attention" not in n else 384)
+                for n in metrics["ranks"]}
+        assert sum(metrics["ranks"].values()) == 4 * 36 and max(metrics["ranks"].values()) <= 8
+        expected["eva"] = sum(cost[n] * r for n, r in metrics["ranks"].items())
     assert metrics["lora_params"] == expected[ranks]
     assert (out / "adapter" / "adapter_config.json").exists()
 

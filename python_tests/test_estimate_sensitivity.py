@@ -258,6 +258,62 @@ def test_lora_config_gives_each_module_its_rank(alpha_scaling):
         report.lora_config(4, rank_pattern={})
 
 
+def rank_zero_report():
+    """Toy's matrices by hand, theta chosen so that at the parameters of uniform rank 1 (151) and min_rank=0
+    q/k/v get none: quotas value 0.06, up 2.92, down 1.75 -> 0, 3, 1 (128 spent); of the 23 left, one rank
+    of the head (15) fits, one more of value (24) or down (32) does not."""
+    flat = Metrics(1.0, 1.0, 1.0)
+    thetas = {"block.query": 0.0, "block.key": 0.0, "block.value": 0.1, "block.up": 5.0, "block.down": 3.0,
+              "head": 0.0}
+    shapes = {"block.query": (12, 12), "block.key": (12, 12), "block.value": (12, 12), "block.up": (20, 12),
+              "block.down": (12, 20), "head": (3, 12)}
+    return SensitivityReport([MatrixSensitivity(n, shapes[n], 10, flat, t) for n, t in thetas.items()])
+
+
+def test_rank_zero_matrices_get_no_adapter_and_stock_peft_loads_it(tmp_path):
+    from peft import PeftModel, get_peft_model
+
+    report = rank_zero_report()
+    ranks = report.ranks(1, budget="params", min_rank=0)
+    assert ranks == {"block.query": 0, "block.key": 0, "block.value": 0, "block.up": 3, "block.down": 1, "head": 1}
+    spent = sum(r * sum(m.shape) for r, m in zip(ranks.values(), report.matrices))
+    assert spent == 143 <= 151  # uniform rank 1 on all six: 3 * 24 + 2 * 32 + 15
+    config = report.lora_config(1, budget="params", min_rank=0, lora_alpha=2)
+    assert sorted(config.target_modules) == ["block.down", "block.up", "head"]
+    assert sorted(config.rank_pattern.values()) == [1, 1, 3] and len(config.alpha_pattern) == 3
+    model = get_peft_model(Toy(), config)
+    adapted = {n.removeprefix("base_model.model."): m.r["default"] for n, m in model.named_modules()
+               if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert adapted == {"block.up": 3, "block.down": 1, "head": 1}
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == spent
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    model.save_pretrained(str(tmp_path / "adapter"))
+    loaded = PeftModel.from_pretrained(Toy(), str(tmp_path / "adapter")).eval()
+    batch = toy_batches(1)[0]
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
+    # min_rank=1 (the default) still adapts every matrix
+    assert len(report.lora_config(1, budget="params").target_modules) == 6
+
+
+def test_rank_zero_bad_values():
+    from slora_kernels.sensitivity import lora_config_for_ranks
+
+    report = rank_zero_report()
+    with pytest.raises(ValueError, match="min_rank must be >= 0, got -1"):
+        report.ranks(2, min_rank=-1)
+    with pytest.raises(ValueError, match="every one of the 2 modules has rank 0"):
+        lora_config_for_ranks({"block.up": 0, "block.down": 0}, 4)
+    with pytest.raises(ValueError, match=r"ranks\['block.up'\] must be >= 0"):
+        lora_config_for_ranks({"block.up": -1, "block.down": 2}, 4)
+    config = lora_config_for_ranks({"block.up": 0, "block.down": 2}, 4, lora_alpha=8)
+    assert list(config.target_modules) == ["block.down"] and config.alpha_pattern == {"^block\\.down$": 4.0}
+
+
 def test_rank_pattern_key_matches_only_its_module():
     import re
 

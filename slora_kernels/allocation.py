@@ -11,6 +11,9 @@ Budgets count rank units by default. With `cost` (per name, the trainable parame
 costs, d_in + d_out for LoRA) the budget counts parameters instead: ranks stay proportional to
 theta, the parameters spent are at most the budget, and no matrix rounded down could take one
 more rank within what is left. Compare against uniform LoRA at equal parameters this way.
+
+min_rank=0 lets a matrix get no adapter at all: at tight budgets the choice that matters is which
+matrices get any rank (a rank-0 matrix costs nothing, so the budget is spent on adapted ones only).
 """
 from __future__ import annotations
 
@@ -106,6 +109,7 @@ def allocate_ranks(theta_by_name: Mapping[str, float], total_rank: int, *, strat
     """Integer rank per name, within [min_rank, max_rank], summing exactly to `total_rank`.
 
     With `cost`, `total_rank` is a parameter budget: sum(cost[n] * rank[n]) <= total_rank.
+    min_rank=0 allows rank 0 (the matrix gets no adapter); at least one matrix always gets a rank.
     `tiers` and `tier_step` (rank difference between neighbouring tiers) only apply to "pra".
     Raises ValueError with the feasible range when the budget cannot be met.
     """
@@ -138,6 +142,9 @@ def allocate_ranks(theta_by_name: Mapping[str, float], total_rank: int, *, strat
         raise ValueError(f"{what}={total_rank} is infeasible for {len(names)} matrices: it must lie in "
                          f"[{int(low_budget)}, {high_budget if math.isinf(high_budget) else int(high_budget)}] "
                          f"(min_rank and max_rank{' times cost' if cost is not None else ''})")
+    if total_rank < min(unit.values()):  # only reachable with min_rank=0 and a parameter budget
+        raise ValueError(f"{what}={total_rank} leaves every matrix at rank 0: one rank of the cheapest matrix "
+                         f"costs {int(min(unit.values()))}")
     weight = theta
     if strategy == "pra":
         weight = _pra_weights(theta, tiers, total_rank / math.fsum(unit.values()), tier_step)

@@ -5,4 +5,4 @@ modules; no library module imports anything from here.
 """
 
 # How `slora train --ranks` and `runs.run` choose the ranks (besides a report file for --ranks).
-RANK_CHOICES = ("uniform", "sensitivity", "adalora")
+RANK_CHOICES = ("uniform", "sensitivity", "adalora", "eva")

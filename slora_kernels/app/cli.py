@@ -41,6 +41,9 @@ def _common(parser: argparse.ArgumentParser, avg_rank: int) -> None:
         help="regex over full module names; nn.Linear modules that fully match are adapted "
              "(default: every linear inside the numbered transformer blocks)")
     add("--avg-rank", type=int, default=avg_rank, help=f"average LoRA rank (default {avg_rank})")
+    add("--min-rank", type=int, default=1,
+        help="Sensitivity-LoRA's smallest rank; 0 lets low-sensitivity matrices go without an adapter, "
+             "so a tight budget goes to the others (default 1)")
     add("--estimator", choices=ESTIMATORS, default="activation", help="sensitivity estimator (default: the paper's)")
     add("--calib-samples", type=int, default=512, help="calibration examples (default 512)")
     add("--batch-size", type=int, default=32)
@@ -99,6 +102,12 @@ def _out_dir(path: Path, overwrite: bool) -> bool:
 def _check_args(args: argparse.Namespace) -> None:
     _positive(args, "avg_rank", "calib_samples", "batch_size", "max_length", "max_samples", "max_eval",
               "epochs", "lr", "max_steps")
+    min_rank = getattr(args, "min_rank", None)  # analyze and train
+    if min_rank is not None and min_rank < 0:
+        raise UsageError(f"--min-rank must be >= 0, got {min_rank}")
+    if min_rank is not None and min_rank > args.avg_rank:
+        raise UsageError(f"--min-rank {min_rank} is above --avg-rank {args.avg_rank}: the parameters of uniform "
+                         f"rank {args.avg_rank} cannot give every matrix rank {min_rank}")
     ranks = getattr(args, "ranks", None)
     if ranks is not None and ranks not in RANK_CHOICES and not Path(ranks).is_file():
         raise UsageError(f"--ranks must be {', '.join(RANK_CHOICES)} or a report file; {ranks} is none of them")

@@ -58,8 +58,8 @@ def analyze(args: argparse.Namespace) -> None:
     report = calibrate(model, tokenizer, dataset.train.head(args.calib_samples), targets, args.estimator,
                        args.batch_size, args.max_length, progress=not args.quiet)
     seconds = time.perf_counter() - start
-    ranks = report.ranks(args.avg_rank, budget="params")
-    config = sensitivity_config(report, args.avg_rank, task)
+    ranks = report.ranks(args.avg_rank, budget="params", min_rank=args.min_rank)
+    config = sensitivity_config(report, args.avg_rank, task, args.min_rank)
     config.base_model_name_or_path = model.name_or_path
     config.save_pretrained(str(args.out))
     report.to_json(args.out / "sensitivity.json", overwrite=args.overwrite)
@@ -68,6 +68,9 @@ def analyze(args: argparse.Namespace) -> None:
     print(f"\nRanks at the parameter budget of uniform rank {args.avg_rank} ({len(ranks)} matrices, "
           f"calibration {seconds:.1f} s):")
     _print_ranks(ranks)
+    unadapted = sum(r == 0 for r in ranks.values())
+    if unadapted:
+        print(f"{unadapted} matrices at rank 0 get no adapter (left out of the config's target_modules)")
     print(f"\nWrote {args.out}/sensitivity.json, adapter_config.json (stock PEFT LoraConfig), ranks.png")
 
 
@@ -82,7 +85,7 @@ def train(args: argparse.Namespace) -> None:
     targets = linear_targets(model, args.target_modules)
     _, result = run(model, tokenizer, dataset, method=method, avg_rank=args.avg_rank, targets=targets,
                     config=_config(args), task=task, estimator=args.estimator, calib_samples=args.calib_samples,
-                    report=report, fused=not args.no_fuse, out_dir=args.out)
+                    report=report, min_rank=args.min_rank, fused=not args.no_fuse, out_dir=args.out)
     if method == "sensitivity":
         plot_ranks(result.ranks, args.out / "ranks.png")
     _write_json(args.out / "metrics.json", {"model": args.model, "data": args.data, "task": task,

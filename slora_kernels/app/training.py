@@ -47,12 +47,18 @@ class TrainStats:
         return asdict(self)
 
 
-def batches(tokenizer, examples: Examples, batch_size: int, max_length: int,
-            shuffle_seed: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """Tokenised batches for `model(**batch)`; labels are the classes, or the tokens for causal LM."""
+def batches(tokenizer, examples: Examples, batch_size: int, max_length: int, shuffle_seed: int | None = None,
+            by_length: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Tokenised batches for `model(**batch)`; labels are the classes, or the tokens for causal LM.
+
+    by_length sorts the texts by length first (evaluation: about half the padding of a random
+    order on short texts, and sums over the whole split do not depend on the order).
+    """
     order = list(range(len(examples)))
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(order)
+    elif by_length:
+        order.sort(key=lambda i: len(examples.texts[i]))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = dict(tokenizer([examples.texts[i] for i in idx], padding=True, truncation=True,
@@ -107,8 +113,9 @@ def evaluate(model: nn.Module, tokenizer, examples: Examples, batch_size: int = 
     """Accuracy and mean loss (classification) or mean token loss and perplexity (causal LM)."""
     model.eval()
     correct, loss_sum, weight = 0, 0.0, 0
-    for batch in tqdm(batches(tokenizer, examples, batch_size, max_length), desc="eval", unit="batch",
-                      total=math.ceil(len(examples) / batch_size), disable=not progress, dynamic_ncols=True):
+    for batch in tqdm(batches(tokenizer, examples, batch_size, max_length, by_length=True), desc="eval",
+                      unit="batch", total=math.ceil(len(examples) / batch_size), disable=not progress,
+                      dynamic_ncols=True):
         out = model(**batch)
         if examples.labels is not None:
             n = len(batch["labels"])
