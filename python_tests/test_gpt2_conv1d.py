@@ -237,3 +237,11 @@ def test_report_lora_config_trains_and_saves_a_stock_adapter(tmp_path):
     assert not any(isinstance(m, FusedLoraLinear) for m in loaded.modules())
     with torch.no_grad():
         assert (loaded(**inputs).logits - logits).abs().max().item() <= 1e-5
+
+
+def test_cli_default_targets_select_every_gpt2_projection():
+    from slora_kernels.app.models import linear_targets
+
+    names = linear_targets(tiny_gpt2())
+    assert len(names) == 2 * 4 and all(n.startswith("transformer.h.") for n in names)
+    assert {n.rsplit(".", 1)[1] for n in names} == {"c_attn", "c_proj", "c_fc"}

@@ -16,7 +16,7 @@ from slora_kernels.sensitivity.targets import find_targets
 EMBEDDED_MODELS = ("minilm", "smollm2")
 # Every nn.Linear inside a numbered transformer block (BERT "layer.3.", Llama "layers.3."): the
 # attention and MLP projections, not the pooler, the classifier head or the LM head.
-DEFAULT_TARGETS = r".*\.layers?\.\d+\..*"
+DEFAULT_TARGETS = r".*\.(layers?|h)\.\d+\..*"  # the numbered blocks: BERT, Llama-like, GPT-2 (h)
 
 
 class ModelError(ValueError):
