@@ -243,8 +243,9 @@ def test_cuda_forward_backward_never_synchronizes(dtype):
     group = _group_on_device(43, dtype)
     _forward_backward(group, 0.1)  # compiles and autotunes (which synchronizes), builds the layouts
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call below raises
     try:
-        _forward_backward(group, 0.1)
+        grads = _forward_backward(group, 0.1)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
