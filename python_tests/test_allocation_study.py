@@ -60,6 +60,18 @@ def test_rotten_tomatoes_splits():
     assert splits.label_names == ["rotten", "fresh"] and set(splits.test.labels) == {0, 1}
 
 
+def test_convention_party_splits_hold_out_whole_speeches():
+    splits = study.convention_party_splits()
+    assert len(splits.test) >= 3000 and len(splits.dev) >= 1000 and len(splits.train) >= 3000
+    texts = [set(s.texts) for s in (splits.train, splits.dev, splits.test)]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    assert splits.label_names == ["democrat", "republican"]
+    for part in (splits.train, splits.dev, splits.test):
+        assert 0.3 < sum(part.labels) / len(part) < 0.7  # both parties in every split
+        assert min(len(t.split()) for t in part.texts) >= 6
+    assert study.convention_party_splits().test == splits.test  # fixed: every run sees the same split
+
+
 def row(split, method, budget, seed, lr, accuracy, protocol=PROTOCOL, cpu=100.0, params=1000):
     return {"split": split, "method": method, "avg_rank": budget, "seed": seed, "lr": lr,
             "metrics": {"accuracy": accuracy}, "protocol": asdict(protocol), "cpu_seconds": cpu,
@@ -74,10 +86,10 @@ def grid_rows():
 
 def test_queue_runs_the_grids_first_then_budgets_1_and_4_seed_by_seed():
     methods, seeds = list(study.METHODS), [0, 1, 2, 3, 4]
-    first = list(study.queue([], "accuracy", methods, list(study.BUDGETS), seeds))
+    first = list(study.queue([], None, "accuracy", methods, list(study.BUDGETS), seeds))
     assert {j.split for j in first} == {"dev"} and len(first) == sum(len(m.lrs) for m in study.METHODS.values())
     rows = grid_rows()  # adalora's grid is incomplete: no test run of it yet
-    jobs = list(study.queue(rows, "accuracy", methods, list(study.BUDGETS), seeds))
+    jobs = list(study.queue(rows, None, "accuracy", methods, list(study.BUDGETS), seeds))
     assert [j.split for j in jobs[:2]] == ["dev", "dev"] and {j.method for j in jobs[:2]} == {"adalora"}
     test = jobs[2:]
     assert "adalora" not in {j.method for j in test} and {j.lr for j in test} == {1e-3}
@@ -86,7 +98,7 @@ def test_queue_runs_the_grids_first_then_budgets_1_and_4_seed_by_seed():
     assert order.index((2, 0)) == 50 and order[-1] == (8, 4) and len(test) == 5 * 4 * 5
     # resume: a finished run is skipped, the rest keeps its order
     done = rows + [row("test", "uniform", 1, 0, 1e-3, 0.7)]
-    resumed = list(study.queue(done, "accuracy", methods, list(study.BUDGETS), seeds))
+    resumed = list(study.queue(done, None, "accuracy", methods, list(study.BUDGETS), seeds))
     assert [study.key(j) for j in resumed] == [study.key(j) for j in jobs if j.method != "uniform" or
                                                (j.split, j.avg_rank, j.seed) != ("test", 1, 0)]
 
@@ -98,12 +110,24 @@ def test_finished_reads_only_its_protocol_and_the_shards_split_the_jobs(tmp_path
     assert study.finished(path, PROTOCOL) == lines[:1]
     assert study.finished(path, study.SMOKE) == lines[1:]
     assert study.finished(tmp_path / "none.jsonl", PROTOCOL) == []
-    jobs = list(study.queue(grid_rows(), "accuracy", list(study.METHODS), list(study.BUDGETS), [0, 1, 2, 3, 4]))
+    jobs = list(study.queue(grid_rows(), None, "accuracy", list(study.METHODS), list(study.BUDGETS),
+                            [0, 1, 2, 3, 4]))
     shares = [[j for j in jobs if study.in_shard(j, (i, 2))] for i in range(2)]
     assert sorted(map(study.key, shares[0] + shares[1])) == sorted(map(study.key, jobs)) and all(shares)
     assert study.shard_arg("1/2") == (1, 2)
     with pytest.raises(Exception, match="expected I/N"):
         study.shard_arg("2/2")
+
+
+def test_a_task_with_borrowed_learning_rates_runs_no_grid():
+    lrs = {"uniform": 2e-3, "eva": 1e-3}
+    jobs = list(study.queue([], lrs, "accuracy", list(study.METHODS), [1], [0, 1]))
+    assert [(j.split, j.method, j.avg_rank, j.seed, j.lr) for j in jobs] == [
+        ("test", "uniform", 1, 0, 2e-3), ("test", "eva", 1, 0, 1e-3),
+        ("test", "uniform", 1, 1, 2e-3), ("test", "eva", 1, 1, 1e-3)]
+    party = study.Protocol(task="convention-party")
+    text = study.report([row("test", "uniform", 1, 0, 2e-3, 0.6, protocol=party)], party, list(study.METHODS), [1])
+    assert "chosen on rotten-tomatoes's dev grid" in text and "| uniform | 1 | 60.00 |" in text
 
 
 def test_chosen_learning_rate_is_the_best_on_dev_ties_to_the_smaller():
