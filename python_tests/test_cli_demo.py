@@ -31,6 +31,13 @@ def test_demo_quick_compares_at_equal_parameters(tmp_path):
         assert run["steps"] == 4 and run["fused"]
         correct = run["metrics"]["accuracy"] * n_eval  # a count of the 128 held-out snippets
         assert abs(correct - round(correct)) < 1e-9 and 0 <= round(correct) <= n_eval
+    difference = summary["sensitivity_minus_uniform"]  # paired over the same held-out snippets
+    accuracy = [run["metrics"]["accuracy"] for run in summary["runs"]]
+    assert difference["points"] == pytest.approx(100 * (accuracy[1] - accuracy[0]))
+    low, high = difference["ci95"]
+    assert low <= difference["points"] <= high and high - low < 2 * 100 * 1.96 / n_eval ** 0.5
+    assert f"Sensitivity-LoRA minus uniform: {difference['points']:+.1f} points, 95% CI [{low:+.1f}, {high:+.1f}]" \
+        in result.stdout
     for name in ("ranks.png", "sensitivity.json", "uniform/adapter/adapter_config.json",
                  "sensitivity/adapter/adapter_model.safetensors"):
         assert (out / name).exists(), name

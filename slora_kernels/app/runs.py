@@ -30,9 +30,11 @@ class RunResult:
     tokens: int
     fused: bool
     ranks: dict[str, int] = field(default_factory=dict)  # per target after training (0: no adapter)
+    correct: list[bool] | None = field(default=None, repr=False)  # per held-out example (classification)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Everything but the per-example results (JSON lines stay small)."""
+        return {k: v for k, v in asdict(self).items() if k != "correct"}
 
 
 def calibrate(model: nn.Module, tokenizer, examples: Examples, targets: list[str], estimator: str,
@@ -85,9 +87,11 @@ def run(model: nn.Module, tokenizer, dataset: Dataset, *, method: str, avg_rank:
     after_step = peft_model.base_model.update_and_allocate if method == "adalora" else None
     lora_params = lora_parameter_count(peft_model)
     stats = train(peft_model, tokenizer, dataset.train, config, after_step=after_step)
-    scores = evaluate(peft_model, tokenizer, dataset.eval, max_length=config.max_length, progress=config.progress)
+    evaluation = evaluate(peft_model, tokenizer, dataset.eval, max_length=config.max_length,
+                          progress=config.progress)
     if out_dir is not None:
         peft_model.save_pretrained(str(out_dir / "adapter"))
-    result = RunResult(method, scores, lora_params, calib_seconds, stats.seconds, stats.steps, stats.tokens,
-                       fused and method != "adalora", adapted_ranks(peft_model, targets))
+    result = RunResult(method, evaluation.scores, lora_params, calib_seconds, stats.seconds, stats.steps,
+                       stats.tokens, fused and method != "adalora", adapted_ranks(peft_model, targets),
+                       evaluation.correct)
     return peft_model, result

@@ -47,6 +47,16 @@ class TrainStats:
         return asdict(self)
 
 
+def batch_order(examples: Examples, shuffle_seed: int | None = None, by_length: bool = False) -> list[int]:
+    """The example indices in the order `batches` visits them."""
+    order = list(range(len(examples)))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
+    elif by_length:
+        order.sort(key=lambda i: len(examples.texts[i]))
+    return order
+
+
 def batches(tokenizer, examples: Examples, batch_size: int, max_length: int, shuffle_seed: int | None = None,
             by_length: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Tokenised batches for `model(**batch)`; labels are the classes, or the tokens for causal LM.
@@ -54,11 +64,7 @@ def batches(tokenizer, examples: Examples, batch_size: int, max_length: int, shu
     by_length sorts the texts by length first (evaluation: about half the padding of a random
     order on short texts, and sums over the whole split do not depend on the order).
     """
-    order = list(range(len(examples)))
-    if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(order)
-    elif by_length:
-        order.sort(key=lambda i: len(examples.texts[i]))
+    order = batch_order(examples, shuffle_seed, by_length)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = dict(tokenizer([examples.texts[i] for i in idx], padding=True, truncation=True,
@@ -107,25 +113,35 @@ def train(model: nn.Module, tokenizer, examples: Examples, config: TrainConfig,
     return TrainStats(step, tokens, time.perf_counter() - start, loss_ema)
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    scores: dict[str, float]
+    correct: list[bool] | None  # classification: per example, in the examples' order (paired comparisons)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, tokenizer, examples: Examples, batch_size: int = 64,
-             max_length: int = 128, progress: bool = True) -> dict[str, float]:
+             max_length: int = 128, progress: bool = True) -> Evaluation:
     """Accuracy and mean loss (classification) or mean token loss and perplexity (causal LM)."""
     model.eval()
-    correct, loss_sum, weight = 0, 0.0, 0
+    hits: list[bool] = []
+    loss_sum, weight = 0.0, 0
     for batch in tqdm(batches(tokenizer, examples, batch_size, max_length, by_length=True), desc="eval",
                       unit="batch", total=math.ceil(len(examples) / batch_size), disable=not progress,
                       dynamic_ncols=True):
         out = model(**batch)
         if examples.labels is not None:
             n = len(batch["labels"])
-            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+            hits += (out.logits.argmax(-1) == batch["labels"]).tolist()
         else:
             n = int((batch["labels"][:, 1:] != -100).sum())  # causal LM: the shifted targets
         loss_sum += out.loss.item() * n
         weight += n
     model.train()
     loss = loss_sum / max(weight, 1)
-    if examples.labels is not None:
-        return {"accuracy": correct / len(examples), "loss": loss}
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    if examples.labels is None:
+        return Evaluation({"loss": loss, "perplexity": math.exp(min(loss, 50.0))}, None)
+    correct = [False] * len(examples)
+    for index, hit in zip(batch_order(examples, by_length=True), hits):
+        correct[index] = hit
+    return Evaluation({"accuracy": sum(correct) / len(examples), "loss": loss}, correct)
