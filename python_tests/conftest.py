@@ -27,3 +27,12 @@ def pytest_collection_modifyitems(config, items):
 def seeded():
     """A seeded torch.Generator for reproducible random inputs."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def one_thread():
+    """Toy-sized ops: a second OpenMP thread only adds contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,13 +13,7 @@ TARGETS = ["query", "key", "value", "up", "down", "head"]
 NAMES = [f"block.{n}" for n in TARGETS[:5]] + ["head"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Toy-sized ops: a second OpenMP thread only adds contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def captured_inputs(model, batches):

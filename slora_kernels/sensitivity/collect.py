@@ -15,12 +15,15 @@ per matrix. Accumulators and diagonals are in nn.Linear's [d_out, d_in] orientat
 Padding tokens (attention_mask == 0) never count: the [B, T] mask is mapped onto each input
 of shape [B, T, d] (or [B*T, d]); inputs with other leading shapes (e.g. a pooled [B, d]) count
 every row.
+Accumulators are created on the device of the first input each target sees, not on its weight's: under
+accelerate's offload hooks the weights sit on the meta device between calls.
 """
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -35,6 +38,7 @@ def token_mask(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | Non
     """The attention mask reshaped to x's token dimensions, or None when every row counts."""
     if mask is None:
         return None
+    mask = mask.to(x.device)  # a no-op unless the model spans devices (accelerate's device_map)
     lead = tuple(x.shape[:-1])
     if lead == tuple(mask.shape):
         return mask
@@ -43,19 +47,38 @@ def token_mask(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | Non
     return None
 
 
-class Collector(ABC):
-    """Common part: accumulators, token counts, hooks, the all-reduce, and the final diagonals."""
+def batch_size(batch: Mapping) -> int:
+    """The leading dimension of the batch's first tensor with one."""
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return value.shape[0]
+    raise ValueError(f"a batch must hold at least one tensor with a batch dimension, got keys {sorted(batch)}")
 
-    def __init__(self, targets: Mapping[str, nn.Linear], acc_shape: str):
+
+class Collector(ABC):
+    """Common part: accumulators, token counts, hooks, the all-reduce, and the final diagonals.
+
+    device: where the model takes its inputs; accumulators of targets that never saw an input, and the
+    reduced ones, live there (None: where the first accumulator was created, else cpu).
+    """
+
+    def __init__(self, targets: Mapping[str, nn.Linear], acc_shape: str, device: torch.device | None = None):
         self.targets = dict(targets)
-        self.acc = {n: torch.zeros(features(m)[1:] if acc_shape == "feature" else features(m),
-                                   dtype=torch.float32, device=m.weight.device) for n, m in self.targets.items()}
+        self.device = device
+        self._shapes = {n: features(m)[1:] if acc_shape == "feature" else features(m) for n, m in self.targets.items()}
+        self.acc: dict[str, torch.Tensor] = {}
         self.tokens = {n: 0 for n in self.targets}
         self.samples = 0
         self.batches = 0
         self.mask: torch.Tensor | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._last: tuple[torch.Tensor, object] | None = None  # (input, work derived from it) of this batch
+
+    def _acc(self, name: str, device: torch.device) -> torch.Tensor:
+        """The fp32 accumulator of `name`, created on `device` at its first use."""
+        if name not in self.acc:
+            self.acc[name] = torch.zeros(self._shapes[name], dtype=torch.float32, device=device)
+        return self.acc[name]
 
     def attach(self) -> None:
         for name, module in self.targets.items():
@@ -85,14 +108,25 @@ class Collector(ABC):
             self._last = (x, compute())
         return self._last[1]
 
-    def run_batch(self, model: nn.Module, batch: dict, mask: torch.Tensor | None, batch_size: int) -> None:
+    @contextmanager
+    def masked(self, mask: torch.Tensor | None) -> Iterator[None]:
+        """Hooks called inside count only the tokens that `mask` keeps (every token when None)."""
         self.mask = mask
         try:
-            self.step(model, batch, batch_size)
+            yield
         finally:
             self.mask, self._last = None, None
-        self.samples += batch_size
+
+    def count_batch(self, size: int) -> None:
+        self.samples += size
         self.batches += 1
+
+    def run_batch(self, model: nn.Module, batch: dict) -> None:
+        """Run one batch (on the model's input device) with the hooks attached, its padding masked."""
+        size = batch_size(batch)
+        with self.masked(batch.get("attention_mask")):
+            self.step(model, batch, size)
+        self.count_batch(size)
 
     @abstractmethod
     def step(self, model: nn.Module, batch: dict, batch_size: int) -> None:
@@ -101,7 +135,8 @@ class Collector(ABC):
     def reduce(self) -> None:
         """Sum accumulators and counts over torch.distributed ranks (no-op in one process)."""
         names = list(self.targets)
-        device = next(iter(self.acc.values())).device
+        device = self.device or next((a.device for a in self.acc.values()), torch.device("cpu"))
+        self.acc = {n: self._acc(n, device).to(device) for n in names}  # one device for the collective
         counts = torch.tensor([self.tokens[n] for n in names] + [self.samples, self.batches],
                               dtype=torch.int64, device=device)
         all_reduce_sum([self.acc[n] for n in names] + [counts])
@@ -115,13 +150,13 @@ class Collector(ABC):
 
 
 class ActivationCollector(Collector):
-    def __init__(self, targets: Mapping[str, nn.Linear]):
-        super().__init__(targets, "feature")
+    def __init__(self, targets: Mapping[str, nn.Linear], device: torch.device | None = None):
+        super().__init__(targets, "feature", device)
 
     def observe(self, name: str, x: torch.Tensor, output: torch.Tensor) -> None:
         mask = self._count(name, x)
-        self.acc[name] += self._per_input(
-            x, lambda: activation_sq_accumulate(torch.zeros_like(self.acc[name]), x.detach(), mask))
+        acc = self._acc(name, x.device)
+        acc += self._per_input(x, lambda: activation_sq_accumulate(torch.zeros_like(acc), x.detach(), mask))
 
     def step(self, model, batch, batch_size):
         with torch.no_grad():
@@ -140,8 +175,8 @@ def _loss(model: nn.Module, batch: dict, estimator: str) -> torch.Tensor:
 
 
 class FisherCollector(Collector):
-    def __init__(self, targets: Mapping[str, nn.Linear], per_sample: bool):
-        super().__init__(targets, "matrix")
+    def __init__(self, targets: Mapping[str, nn.Linear], per_sample: bool, device: torch.device | None = None):
+        super().__init__(targets, "matrix", device)
         self.per_sample = per_sample
 
     def observe(self, name: str, x: torch.Tensor, output: torch.Tensor) -> None:
@@ -157,7 +192,7 @@ class FisherCollector(Collector):
                 g3 = g.reshape(*keep.shape[:-1], g.shape[-1]) * keep.to(g.dtype)
             else:
                 g3 = g.reshape(-1, g.shape[-1]).index_select(0, keep)[None]
-            fisher_diag_accumulate(self.acc[name], x3, g3.to(x3.dtype), per_sample=self.per_sample)
+            fisher_diag_accumulate(self._acc(name, x3.device), x3, g3.to(x3.dtype), per_sample=self.per_sample)
         output.register_hook(on_grad)
 
     def _prepare(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -192,8 +227,9 @@ class HutchinsonCollector(Collector):
     different probes, and the all-reduced estimate equals one process's over the whole stream with the
     same seed: the same batches with the same probes, summed in another order (fp32 rounding apart)."""
 
-    def __init__(self, targets: Mapping[str, nn.Linear], probes: int, seed: int):
-        super().__init__(targets, "matrix")
+    def __init__(self, targets: Mapping[str, nn.Linear], probes: int, seed: int,
+                 device: torch.device | None = None):
+        super().__init__(targets, "matrix", device)
         self.probes, self.seed = probes, seed
         self.rank, self.world = rank_and_world()
 
@@ -213,7 +249,7 @@ class HutchinsonCollector(Collector):
                     zs = [linear_orientation(m, z).to(w) for m, z, w in zip(modules, signs, weights)]
                     hvs = torch.autograd.grad(grads, weights, grad_outputs=zs, retain_graph=True)
                     for n, m, z, hv in zip(names, modules, zs, hvs):
-                        self.acc[n] += linear_orientation(m, z * hv).float() / self.probes
+                        self._acc(n, hv.device).add_(linear_orientation(m, z * hv).float() / self.probes)
         finally:
             for w in weights:
                 w.requires_grad_(False)
