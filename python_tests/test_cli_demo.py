@@ -22,7 +22,8 @@ def test_demo_quick_compares_at_equal_parameters(tmp_path):
     summary = json.loads((out / "demo.json").read_text())
     uniform, sensitivity = summary["runs"]
     assert (uniform["method"], sensitivity["method"]) == ("uniform", "sensitivity")
-    assert set(uniform["ranks"].values()) == {4} and len(sensitivity["ranks"]) == 36
+    assert set(uniform["ranks"].values()) == {1} and len(sensitivity["ranks"]) == 36
+    assert 0 in sensitivity["ranks"].values()  # the demo's tight budget leaves some matrices unadapted
     # equal trainable LoRA parameters: the allocation may leave less than one rank's cost unspent
     assert uniform["lora_params"] - (384 + 1536) < sensitivity["lora_params"] <= uniform["lora_params"]
     assert sensitivity["calib_seconds"] > 0 and uniform["calib_seconds"] == 0
