@@ -56,6 +56,7 @@ class Method:
     lrs: tuple[float, ...] = LORA_LRS
     epochs_factor: int = 1       # AdaLoRA: its own step count (prunes during training, paper trains long)
     permuted: bool = False       # the control: Sensitivity-LoRA's ranks shuffled among equal-cost matrices
+    lr_of: str | None = None     # with lrs=(): no grid of its own, this method's chosen learning rate
 
 
 METHODS = {
@@ -65,6 +66,9 @@ METHODS = {
     "permuted-activation": Method("sensitivity", permuted=True),
     "eva": Method("eva"),
     "adalora": Method("adalora", lrs=ADALORA_LRS, epochs_factor=2),
+    # AdaLoRA's doubled step count given to uniform LoRA: separates what AdaLoRA's allocation adds from what
+    # its longer training does.
+    "uniform-2x-steps": Method("uniform", lrs=(), epochs_factor=2, lr_of="uniform"),
 }
 
 
@@ -201,11 +205,13 @@ def key(row: dict | Job) -> tuple:
 
 
 def chosen_lrs(rows: list[dict], metric: str, methods: list[str]) -> dict[str, float]:
-    """Per method whose grid is complete: the learning rate with the best dev score (ties: the smaller lr)."""
+    """Per method whose grid (or its lr_of method's) is complete: the learning rate with the best dev score
+    (ties: the smaller lr)."""
     out = {}
     for name in methods:
-        grid = {r["lr"]: r["metrics"][metric] for r in rows if r["split"] == "dev" and r["method"] == name}
-        if len(grid) == len(METHODS[name].lrs):
+        source = METHODS[name].lr_of or name
+        grid = {r["lr"]: r["metrics"][metric] for r in rows if r["split"] == "dev" and r["method"] == source}
+        if len(grid) == len(METHODS[source].lrs):
             out[name] = max(sorted(grid), key=grid.get)
     return out
 
@@ -315,6 +321,10 @@ def grid_table(rows: list[dict], metric: str, methods: list[str], lrs_from: str 
     lrs = chosen_lrs(rows, metric, methods)
     lines = [f"Learning-rate grid (dev {metric} %, seed {GRID_SEED}, average rank {GRID_BUDGET}; bold: chosen):", ""]
     for name in methods:
+        if METHODS[name].lr_of is not None:
+            lines.append(f"- {name}: {METHODS[name].lr_of}'s ({lrs[name]:g})" if name in lrs else
+                         f"- {name}: {METHODS[name].lr_of}'s, not chosen yet")
+            continue
         grid = {r["lr"]: 100 * r["metrics"][metric] for r in rows if r["split"] == "dev" and r["method"] == name}
         cells = [f"**{lr:g}: {grid[lr]:.2f}**" if lrs.get(name) == lr else f"{lr:g}: {grid[lr]:.2f}"
                  for lr in METHODS[name].lrs if lr in grid]

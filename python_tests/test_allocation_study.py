@@ -93,9 +93,10 @@ def test_queue_runs_the_grids_first_then_budgets_1_and_4_seed_by_seed():
     assert [j.split for j in jobs[:2]] == ["dev", "dev"] and {j.method for j in jobs[:2]} == {"adalora"}
     test = jobs[2:]
     assert "adalora" not in {j.method for j in test} and {j.lr for j in test} == {1e-3}
-    assert [(j.avg_rank, j.seed) for j in test[:10]] == [(1, 0)] * 5 + [(4, 0)] * 5
+    assert [(j.avg_rank, j.seed) for j in test[:12]] == [(1, 0)] * 6 + [(4, 0)] * 6
+    assert [j.method for j in test[:6]][-1] == "uniform-2x-steps"  # no grid: uniform's learning rate
     order = [(j.avg_rank, j.seed) for j in test]
-    assert order.index((2, 0)) == 50 and order[-1] == (8, 4) and len(test) == 5 * 4 * 5
+    assert order.index((2, 0)) == 60 and order[-1] == (8, 4) and len(test) == 6 * 4 * 5
     # resume: a finished run is skipped, the rest keeps its order
     done = rows + [row("test", "uniform", 1, 0, 1e-3, 0.7)]
     resumed = list(study.queue(done, None, "accuracy", methods, list(study.BUDGETS), seeds))
@@ -132,7 +133,11 @@ def test_a_task_with_borrowed_learning_rates_runs_no_grid():
 
 def test_chosen_learning_rate_is_the_best_on_dev_ties_to_the_smaller():
     rows = [row("dev", "uniform", 4, 0, lr, acc) for lr, acc in zip(study.LORA_LRS, (0.7, 0.8, 0.8))]
-    assert study.chosen_lrs(rows, "accuracy", ["uniform", "eva"]) == {"uniform": study.LORA_LRS[1]}
+    assert study.chosen_lrs(rows, "accuracy", ["uniform", "eva", "uniform-2x-steps"]) == {
+        "uniform": study.LORA_LRS[1], "uniform-2x-steps": study.LORA_LRS[1]}
+    assert study.chosen_lrs(rows[:2], "accuracy", ["uniform-2x-steps"]) == {}  # uniform's grid unfinished
+    table = study.grid_table(rows, "accuracy", ["uniform", "uniform-2x-steps"], None)
+    assert f"- uniform-2x-steps: uniform's ({study.LORA_LRS[1]:g})" in table
 
 
 def test_paired_statistics_and_the_table():
