@@ -1,6 +1,5 @@
-"""`slora demo --quick`: the embedded default end to end, offline, in well under 2 minutes."""
+"""`slora demo --quick`: the embedded default end to end, offline (its time: benchmarks/bench_demo.py)."""
 import json
-import resource
 
 import pytest
 
@@ -11,14 +10,10 @@ pytestmark = pytest.mark.slow
 
 def test_demo_quick_compares_at_equal_parameters(tmp_path):
     out = tmp_path / "demo"
-    def child_cpu():
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return usage.ru_utime + usage.ru_stime
-
-    before = child_cpu()
     result = slora("demo", "--quick", "--quiet", "--out", out)
-    cpu = child_cpu() - before
     assert result.returncode == 0, result.stderr
+    assert "LOAD REPORT" not in result.stdout + result.stderr  # --quiet hides transformers' load chatter
+    assert "Loading weights" not in result.stderr
     summary = json.loads((out / "demo.json").read_text())
     uniform, sensitivity = summary["runs"]
     assert (uniform["method"], sensitivity["method"]) == ("uniform", "sensitivity")
@@ -46,5 +41,3 @@ def test_demo_quick_compares_at_equal_parameters(tmp_path):
     table = lines[lines.index(next(line for line in lines if line.startswith("method"))):]
     for row, run in zip(table[2:4], summary["runs"]):
         assert row.split()[:2] == [run["method"], f"{100 * run['metrics']['accuracy']:.1f}%"]
-    # "under 2 minutes on 2 cores", as CPU time: wall time on a shared CI machine measures the neighbours
-    assert cpu < 2 * 120, f"demo --quick used {cpu:.0f} CPU seconds"

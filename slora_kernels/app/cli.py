@@ -6,7 +6,6 @@ anything unexpected); `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -115,8 +114,12 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _quiet_libraries() -> None:
     """Hide transformers' load reports and deprecation chatter; the CLI prints what matters."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # transformers is already imported (PEFT's integration pulls it in), so its environment variables would
+    # come too late: set its verbosity and progress bars directly.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
