@@ -13,6 +13,7 @@ over several sittings. Lines of another protocol (other sizes, --smoke) are igno
 
     python benchmarks/allocation_study.py                 # run what the JSONL lacks, in queue order, then print
     python benchmarks/allocation_study.py --table-only    # the tables of what has finished
+    python benchmarks/allocation_study.py --table-only --summary --budgets 1 4   # the README's compact table
     python benchmarks/allocation_study.py --smoke --jsonl /tmp/smoke.jsonl   # tiny sizes: checks the pipeline
     python benchmarks/allocation_study.py --shard 0/2 & python benchmarks/allocation_study.py --shard 1/2
                                                           # two single-thread workers, one per core
@@ -285,11 +286,55 @@ def paired(diffs: list[float]) -> tuple[float, float, float]:
     return mean, half, p
 
 
+def test_scores(rows: list[dict], metric: str, budget: int) -> dict[tuple[str, int], float]:
+    """(method, seed) -> test score in points, at one budget."""
+    return {(r["method"], r["seed"]): 100 * r["metrics"][metric] for r in rows
+            if r["split"] == "test" and r["avg_rank"] == budget}
+
+
+def paired_differences(score: dict[tuple[str, int], float], name: str) -> list[float]:
+    """`name` minus uniform at every seed both have finished, in seed order."""
+    seeds = sorted(s for m, s in score if m == name and ("uniform", s) in score)
+    return [score[(name, s)] - score[("uniform", s)] for s in seeds]
+
+
+def summary_table(rows: list[dict], metric: str, budgets: list[int], methods: list[str]) -> str:
+    """The compact table the README quotes: per budget, uniform's mean score and every other method's mean
+    paired difference to it with its 95% CI, (seeds); then the trainable LoRA parameters per budget."""
+    scores = {b: test_scores(rows, metric, b) for b in budgets}
+    head = " | ".join(f"average rank {b}" + (" (rank 0 allowed)" if min_rank(b) == 0 else "") for b in budgets)
+    lines = [f"| method | {head} | LoRA params (rank {' / '.join(map(str, budgets))}) |",
+             "|---" * (len(budgets) + 2) + "|"]
+    for name in methods:
+        cells = []
+        for budget in budgets:
+            score = scores[budget]
+            if name == "uniform":
+                values = [v for (m, _), v in score.items() if m == name]
+                cells.append(f"{statistics.fmean(values):.1f}% ({len(values)})" if values else "-")
+                continue
+            pairs = paired_differences(score, name)
+            if not pairs:
+                cells.append("-")
+                continue
+            mean, half, _ = paired(pairs)
+            interval = "" if math.isnan(half) else f" [{mean - half:+.1f}, {mean + half:+.1f}]"
+            cells.append(f"{mean:+.1f}{interval} ({len(pairs)})")
+        params = []
+        for budget in budgets:
+            counts = [r["lora_params"] for r in rows
+                      if r["split"] == "test" and r["method"] == name and r["avg_rank"] == budget]
+            params.append(f"{statistics.fmean(counts):,.0f}" if counts else "-")
+        cells.append(" / ".join(params))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def budget_table(rows: list[dict], metric: str, budget: int, methods: list[str]) -> str:
     """Markdown, one line per method: score mean and sample std over seeds, paired difference to uniform
     (points) with its 95% CI and Wilcoxon p, trainable LoRA parameters, process seconds per run."""
     test = [r for r in rows if r["split"] == "test" and r["avg_rank"] == budget]
-    score = {(r["method"], r["seed"]): 100 * r["metrics"][metric] for r in test}
+    score = test_scores(rows, metric, budget)
     lines = [f"Average rank {budget} (min_rank {min_rank(budget)}):", "",
              f"| method | seeds | {metric} mean | std | paired diff to uniform | 95% CI | Wilcoxon p | "
              "LoRA params | CPU s per run |", "|---|---|---|---|---|---|---|---|---|"]
@@ -301,8 +346,7 @@ def budget_table(rows: list[dict], metric: str, budget: int, methods: list[str])
         values = [score[(name, r["seed"])] for r in done]
         std = f"{statistics.stdev(values):.2f}" if len(values) > 1 else "-"
         diff = ci = p = "-"
-        pairs = [score[(name, s)] - score[("uniform", s)] for s in sorted({r["seed"] for r in done})
-                 if ("uniform", s) in score]
+        pairs = paired_differences(score, name)
         if name != "uniform" and pairs:
             mean, half, pvalue = paired(pairs)
             diff = f"{mean:+.2f} (n={len(pairs)})"
@@ -368,6 +412,8 @@ def main() -> None:
                         help="run only worker I's share of N (start N workers on the same JSONL; default 0/1)")
     parser.add_argument("--jsonl", type=Path, default=JSONL)
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--summary", action="store_true",
+                        help="print the compact table (paired differences and CIs per budget) instead of the full one")
     args = parser.parse_args()
     if args.smoke and args.jsonl == JSONL:
         parser.error("--smoke writes lines no study table uses: pass --jsonl elsewhere")
@@ -407,7 +453,9 @@ def main() -> None:
             print(f"{row['finished']} {job.split} {job.method} rank {job.avg_rank} seed {job.seed} lr {job.lr:g}: "
                   f"{task.metric} {row['metrics'][task.metric]:.4f}, {row['lora_params']:,} LoRA params, "
                   f"{row['cpu_seconds']:.0f} CPU s, {row['wall_seconds']:.0f} s", flush=True)
-    print(report(finished(args.jsonl, protocol), protocol, args.methods, budgets))
+    rows = finished(args.jsonl, protocol)
+    print(summary_table(rows, task.metric, budgets, args.methods) if args.summary
+          else report(rows, protocol, args.methods, budgets))
 
 
 if __name__ == "__main__":

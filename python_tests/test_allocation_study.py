@@ -166,3 +166,9 @@ def test_paired_statistics_and_the_table():
     assert "Average rank 1 (min_rank 0)" in text and "Average rank 4 (min_rank 1)" in text
     assert "- uniform: **0.001: 80.00**, 0.002: 70.00, 0.004: 70.00" in text
     assert "- adalora: 0.002: 70.00" in text and "- eva: **0.001: 80.00**" in text
+    summary = study.summary_table(rows, "accuracy", [1, 4], ["uniform", "sensitivity-activation", "eva", "adalora"])
+    assert summary.splitlines()[:2] == [
+        "| method | average rank 1 (rank 0 allowed) | average rank 4 | LoRA params (rank 1 / 4) |", "|---" * 4 + "|"]
+    assert f"| sensitivity-activation | +0.6 [{lo:+.1f}, {hi:+.1f}] (5) | - | 41,472 / - |" in summary
+    assert "| uniform | 78.6% (5) | - | 41,472 / - |" in summary
+    assert "| eva | +1.0 (1) | - | 48,384 / - |" in summary and "| adalora | - | - | - / - |" in summary
