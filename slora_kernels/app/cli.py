@@ -6,6 +6,7 @@ anything unexpected); `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -113,12 +114,14 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _quiet_libraries() -> None:
-    """Hide transformers' load reports and deprecation chatter; the CLI prints what matters."""
-    # transformers is already imported (PEFT's integration pulls it in), so its environment variables would
-    # come too late: set its verbosity and progress bars directly.
+    """Hide transformers' load reports and deprecation chatter; the CLI prints what matters (a
+    TRANSFORMERS_VERBOSITY the user set is kept)."""
+    # transformers is already imported (PEFT's integration pulls it in), so setting its environment variables
+    # here would come too late: set its verbosity and progress bars directly.
     from transformers.utils import logging as transformers_logging
 
-    transformers_logging.set_verbosity_error()
+    if "TRANSFORMERS_VERBOSITY" not in os.environ:
+        transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
 
