@@ -20,7 +20,11 @@ def __getattr__(name: str):
         from slora_kernels.nn import fusion
 
         return getattr(fusion, name)
+    if name == "export_adapter":  # needs peft as well
+        from slora_kernels import export
+
+        return export.export_adapter
     raise AttributeError(f"module 'slora_kernels' has no attribute {name!r}")
 
 
-__all__ += ["fuse", "fusion_stats", "unfuse"]
+__all__ += ["export_adapter", "fuse", "fusion_stats", "unfuse"]
