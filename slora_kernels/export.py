@@ -172,7 +172,7 @@ def _read_config(adapter_dir: Path) -> tuple[LoraConfig, dict]:
     if peft_type != "LORA":
         adalora = (" AdaLoRA is refused: its pruned ranks and scale are not converted here; merge it with "
                    "merge_and_unload() instead." if peft_type == "ADALORA" else "")
-        raise ExportError(f"adapter_dir {adapter_dir} holds a {peft_type} adapter; expected a LoRA adapter "
+        raise ExportError(f"adapter_dir {adapter_dir} has peft_type {peft_type}; expected a LoRA adapter "
                           f"(peft_type LORA, EVA-initialised ones included).{adalora}")
     fields = {field.name: field for field in dataclasses.fields(LoraConfig)}
     unknown = sorted(key for key, value in raw.items() if key not in fields and value not in (None, False, [], {}))

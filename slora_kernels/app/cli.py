@@ -1,4 +1,4 @@
-"""The `slora` command (also `python -m slora_kernels`): analyze, train, demo.
+"""The `slora` command (also `python -m slora_kernels`): analyze, train, demo, export.
 
 Bad input ends with one line on stderr and a non-zero exit (2 for usage and input errors, 1 for
 anything unexpected); `--debug` shows the traceback instead.
@@ -56,6 +56,10 @@ def _common(parser: argparse.ArgumentParser, avg_rank: int) -> None:
 def _flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    _debug_flag(parser)
+
+
+def _debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -63,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slora",
                                      description="Sensitivity-LoRA: sensitivity-based LoRA rank allocation.")
     parser.add_argument("--version", action="version", version=f"slora_kernels {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{analyze,train,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{analyze,train,demo,export}")
     analyze = sub.add_parser("analyze", help="measure sensitivity; write the report, a LoraConfig and a rank plot")
     _common(analyze, avg_rank=8)
     train = sub.add_parser("train", help="fine-tune with uniform, sensitivity or AdaLoRA ranks; save a PEFT adapter")
@@ -78,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a small slice: under 2 minutes on 2 CPU cores")
     demo.add_argument("--out", type=Path, default=Path("slora_demo"), help="output folder (default ./slora_demo)")
     _flags(demo)
+    export = sub.add_parser("export", help="write a variable-rank adapter at one rank, for serving engines that read "
+                                           "one r and one lora_alpha")
+    export.add_argument("adapter_dir", type=Path, help="a saved PEFT LoRA adapter (adapter_config.json and weights)")
+    export.add_argument("--out", required=True, type=Path,
+                        help="output folder (refused if it exists and is not empty)")
+    export.add_argument("--rank", type=int,
+                        help="the one rank (default: the adapter's largest; raise it to a serving engine's slot size)")
+    export.add_argument("--force", action="store_true", help="write into an existing, non-empty output folder")
+    _debug_flag(export)
     return parser
 
 
@@ -101,7 +114,7 @@ def _out_dir(path: Path, overwrite: bool) -> bool:
 
 def _check_args(args: argparse.Namespace) -> None:
     _positive(args, "avg_rank", "calib_samples", "batch_size", "max_length", "max_samples", "max_eval",
-              "epochs", "lr", "max_steps")
+              "epochs", "lr", "max_steps", "rank")
     min_rank = getattr(args, "min_rank", None)  # analyze and train
     if min_rank is not None and min_rank < 0:
         raise UsageError(f"--min-rank must be >= 0, got {min_rank}")
@@ -126,6 +139,13 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def _input_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message is meant for the user as is. ExportError's module imports peft (seconds), so it is
+    looked up only where `slora export` has loaded it; elsewhere none can have been raised."""
+    export = sys.modules.get("slora_kernels.export")
+    return (UsageError, DataError, ModelError, FileNotFoundError) + ((export.ExportError,) if export else ())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
@@ -133,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     created = False
     try:
         _check_args(args)
-        created = _out_dir(args.out, args.overwrite)
+        if args.command != "export":  # export_adapter checks the folders itself and writes nothing on bad input
+            created = _out_dir(args.out, args.overwrite)
         from slora_kernels.app import commands
 
         getattr(commands, args.command)(args)
@@ -143,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out.rmdir()  # leave no empty folder behind a failed run
         if args.debug:
             raise
-        if isinstance(err, (UsageError, DataError, ModelError, FileNotFoundError)):
+        if isinstance(err, _input_errors()):
             print(f"slora {args.command}: error: {err}", file=sys.stderr)
             return 2
         first = str(err).splitlines()[0] if str(err) else ""

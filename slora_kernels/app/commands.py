@@ -1,4 +1,4 @@
-"""What `slora analyze`, `slora train` and `slora demo` do, given parsed and checked arguments.
+"""What `slora analyze`, `slora train`, `slora demo` and `slora export` do, given parsed and checked arguments.
 
 cli.py owns parsing and how errors are shown; this module only does the work.
 """
@@ -17,6 +17,7 @@ from slora_kernels.app.models import linear_targets, load_model
 from slora_kernels.app.plotting import plot_ranks, rank_grid, short_labels
 from slora_kernels.app.runs import RunResult, calibrate, run
 from slora_kernels.app.training import TrainConfig
+from slora_kernels.export import export_adapter
 
 # The demo: seed 0 of the allocation study (benchmarks/allocation_study.py: its protocol and learning rate,
 # the first 1,000 of its test snippets), and a slice of it that runs in well under 2 minutes. Average rank 1
@@ -162,3 +163,8 @@ def demo(args: argparse.Namespace) -> None:
           f"benchmarks/RESULTS.md has the 5-seed study).")
     print(f"\nTotal {total:.0f} s. Wrote {args.out}/ranks.png, sensitivity.json, demo.json, "
           f"uniform/adapter, sensitivity/adapter")
+
+
+def export(args: argparse.Namespace) -> None:
+    """The adapter at one rank, and what the padding cost."""
+    print(export_adapter(args.adapter_dir, args.out, rank=args.rank, force=args.force))
