@@ -194,9 +194,10 @@ def lora_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_pattern_keys_resolve_as_in_peft_and_rank_pads_above_the_largest(tiny_bert, tmp_path):
-    """Suffix and regex keys in rank_pattern / alpha_pattern (PEFT's matching), rsLoRA, an
-    adapter saved as adapter_model.bin, and a rank above the largest: every factor padded to it."""
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=MINILM_TARGETS, use_rslora=True,
+    """Suffix and regex keys in rank_pattern / alpha_pattern (PEFT's matching), rsLoRA, an embedding
+    (lora_embedding_A/B), an adapter saved as adapter_model.bin, and a rank above the largest: every factor
+    padded to it."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=[*MINILM_TARGETS, "word_embeddings"], use_rslora=True,
                         rank_pattern={"query": 6, r"layer\.1\..*dense": 12, "layer.0.attention.output.dense": 2},
                         alpha_pattern={"value": 3, "dense": 20})
     model = get_peft_model(copy.deepcopy(tiny_bert), config)
@@ -206,7 +207,9 @@ def test_pattern_keys_resolve_as_in_peft_and_rank_pads_above_the_largest(tiny_be
     assert not (tmp_path / "adapter" / WEIGHTS).exists()
     report = export_adapter(tmp_path / "adapter", tmp_path / "export", rank=32)
     assert report.ranks == lora_ranks(model) and set(report.ranks.values()) == {2, 4, 6, 12}
-    assert all(t.shape[0 if ".lora_A." in k else 1] == 32 for k, t in lora_tensors(tmp_path / "export").items())
+    exported = lora_tensors(tmp_path / "export")
+    assert "base_model.model.bert.embeddings.word_embeddings.lora_embedding_A" in exported
+    assert all(t.shape[0 if "_A" in k else 1] == 32 for k, t in exported.items())
     loaded = load(tiny_bert, tmp_path / "export")
     assert set(lora_ranks(loaded).values()) == {32}
     assert max_rel_diff(logits64(loaded, tiny_inputs()), truth) <= 1e-6

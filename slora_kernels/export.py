@@ -196,7 +196,7 @@ def _not_plain(config: LoraConfig, fields: dict[str, dataclasses.Field]) -> str 
         if field.metadata.get("is_lora_variant") and getattr(config, name):
             return f"{name}={getattr(config, name)!r} selects a LoRA variant"
     for name, why in NOT_PLAIN.items():
-        if getattr(config, name):
+        if getattr(config, name, None):  # an older peft may lack the option
             return f"{name}={getattr(config, name)!r}: {why}"
     init = config.init_lora_weights
     if isinstance(init, str) and init in fields["init_lora_weights"].metadata.get("lora_variants", ()):
