@@ -86,7 +86,7 @@ def _extensions():
         print(f"WARNING: {warning}", file=sys.stderr)
 
     cxx_flags = ["-O3", "-fopenmp"]
-    sources = ["csrc/slora_ops.cpp", "csrc/dropout.cpp"]
+    sources = ["csrc/slora_ops.cpp", "csrc/dropout.cpp", "csrc/grouped_lora_cpu.cpp"]
     if kind == "cuda":
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         ext = CUDAExtension(

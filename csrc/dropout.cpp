@@ -7,7 +7,7 @@
 // its own range with no shared generator state (torch's CPU bernoulli_ is serial outside Intel
 // MKL), and the result does not depend on the thread count. slora_kernels/_hash_dropout.py is the
 // same function in plain torch (the fallback and the tests' reference).
-#include <torch/extension.h>
+#include "dropout.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -26,6 +26,8 @@ inline uint64_t splitmix64_finalise(uint64_t z) {
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   return z ^ (z >> 31);
 }
+
+}  // namespace
 
 at::Tensor dropout_cpu(const at::Tensor& x, double p, int64_t seed) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout: p must be in [0, 1), got ", p);
@@ -53,8 +55,6 @@ at::Tensor dropout_cpu(const at::Tensor& x, double p, int64_t seed) {
   });
   return out;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(slora, m) {
   m.def("dropout(Tensor x, float p, int seed) -> Tensor");

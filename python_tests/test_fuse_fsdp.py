@@ -15,7 +15,6 @@ from gloo_workers import spawn_gloo
 from lora_helpers import batch, batch_rows, lora_grads, tiny_fused_bert, tiny_lora_bert
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
-from torch.utils._pytree import tree_leaves
 
 from slora_kernels import fuse, fusion_stats
 from slora_kernels.nn.fused import FusedLoraLinear
@@ -51,15 +50,17 @@ def loss_and_grads_after_a_step(model, rows):
 
 
 def unsharded_copies(model) -> list[tuple]:
-    """Shapes of the tensors the fused groups hold that have a base weight's full shape: one layer's
-    [d_out, d_in] or the group's stacked [sum d_out, d_in] (a DTensor's shape is the global one)."""
+    """Shapes of the copies of base weights the fused groups keep between steps (the stacked W_cat their plans
+    cache on the Triton path) that have a full shape: the group's stacked [sum d_out, d_in] or a layer's
+    [d_out, d_in] (a DTensor's shape is the global one)."""
     groups = {id(m._slora_group): m._slora_group for m in model.modules() if isinstance(m, FusedLoraLinear)}
     found = []
     for group in groups.values():
         shapes = [tuple(m.base_layer.weight.shape) for m in group.members]
         full = set(shapes) | {(sum(s[0] for s in shapes), shapes[0][1])}
-        cache = {k: v for k, v in vars(group).items() if k not in ("members", "recorder")}
-        found += [tuple(t.shape) for t in tree_leaves(cache) if isinstance(t, torch.Tensor) and tuple(t.shape) in full]
+        batches = group._plan.batches.values() if group._plan is not None else ()
+        kept = [t for batch in batches if batch._stacked is not None for t in batch._stacked.weights]
+        found += [tuple(t.shape) for t in kept if tuple(t.shape) in full]
     return found
 
 

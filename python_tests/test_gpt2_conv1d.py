@@ -21,7 +21,7 @@ from slora_kernels import estimate_sensitivity, fuse, fusion_stats, unfuse
 from slora_kernels.nn import FusedLoraLinear
 from slora_kernels.ops import _hash_dropout as hash_dropout
 from slora_kernels.ops import utils
-from slora_kernels.ops.grouped_lora import SEED_BOUND
+from slora_kernels.ops.utils import draw_seed
 from slora_kernels.sensitivity.estimate import _collector, _run
 from slora_kernels.sensitivity.targets import find_targets
 
@@ -67,7 +67,7 @@ class HashDropout(torch.nn.Module):
     def forward(self, x):
         if not self.training:
             return x
-        return hash_dropout.dropout(x, self.p, int(torch.randint(SEED_BOUND, (1,)).item()))
+        return hash_dropout.dropout(x, self.p, draw_seed())
 
 
 def run(model, inputs, seed=0):
@@ -145,11 +145,12 @@ def test_mixed_conv1d_and_linear_group(path):
     assert [type(m.base_layer) for m in group.members] == [Conv1D, torch.nn.Linear]
     assert_same(step(fused), step(stock))
     if path == "triton":  # W_cat = [W_q^T; W_k], stacked once and reused while the weights are unchanged
-        stacked = group._stacked[0][0]
+        batch = group._plan.batches[id(group.members[0])]
+        stacked = batch._stacked.weights[0]
         q, k = (fused.get_submodule(f"base_model.model.{n}.base_layer").weight for n in ("q", "k"))
         assert torch.equal(stacked, torch.cat([q.t(), k]))
         assert_same(step(fused), step(stock))
-        assert group._stacked[0][0] is stacked
+        assert batch._stacked.weights[0] is stacked
         with torch.no_grad():
             for model in (fused, stock):
                 model.get_submodule("base_model.model.q.base_layer").weight.mul_(-2.0)

@@ -20,22 +20,10 @@ import torch
 from peft.tuners import lora
 from torch import nn
 
-from slora_kernels.layers import linear_weight
+from slora_kernels.nn.plan import GroupPlan, fsdp_managed, has_hooks, versions
 from slora_kernels.nn.stats import FusionRecorder
-from slora_kernels.ops.grouped_lora import grouped_lora_unchecked, stack_biases, stacks_outputs
-
-
-def has_hooks(module: nn.Module) -> bool:
-    """Whether calling module runs code besides its forward: forward (pre-)hooks, or a forward
-    replaced on the instance (accelerate's `_hf_hook`, e.g. device_map offload)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or "_hf_hook" in module.__dict__
-                or "forward" in module.__dict__)
-
-
-def fsdp_managed(module: nn.Module) -> bool:
-    """Whether FSDP shards module's parameters: fully_shard and FullyShardedDataParallel both mark every
-    module they manage with this flag (torch.compile reads it)."""
-    return getattr(module, "_is_fsdp_managed_module", False)
+from slora_kernels.ops import _grouped_cuda
+from slora_kernels.ops.grouped_lora import autocast_dtype
 
 
 def fsdp_unit(module: nn.Module) -> bool:
@@ -48,79 +36,71 @@ def fsdp_unit(module: nn.Module) -> bool:
 
 
 class LoraGroup:
-    """Layers fed the same input; computes their outputs together and hands each its own once."""
+    """Layers fed the same input; computes their outputs together and hands each its own once.
+
+    Every call checks the calling layer's own state (its `LayerWatch`) against the plan: a layer whose state
+    or call context changed rebuilds the plan, so no output is ever computed from decisions its layer no
+    longer matches. The first member called with a tensor runs its batch's fused call and keeps the other
+    members' outputs for as long as that tensor is unchanged (same object, same version counter, same grad
+    and autocast mode): a member called with it gets its output if its own state and parameter versions
+    are still those the output was computed from, and otherwise computes afresh.
+    """
 
     def __init__(self, members: list[FusedLoraLinear], recorder: FusionRecorder):
         self.members = members
         self.recorder = recorder
-        self._pending: dict[int, tuple[torch.Tensor, tuple]] = {}
-        self._pending_key: tuple | None = None
-        self._pending_input: torch.Tensor | None = None
-        self._stacked_key: tuple | None = None
-        self._stacked: tuple[list[torch.Tensor], torch.Tensor | None] = ([], None)
+        self.invalidate()
 
     def invalidate(self) -> None:
-        """Forget cached outputs and the stacked base weight (called when base weights change in place)."""
-        self._pending, self._pending_key, self._pending_input, self._stacked_key = {}, None, None, None
+        """Forget the plan and cached outputs (called when base weights change in place)."""
+        self._plan: GroupPlan | None = None
+        self._pending: dict[int, tuple] = {}
+        self._pending_input: torch.Tensor | None = None
+        self._pending_key: tuple | None = None
 
     def output(self, layer: FusedLoraLinear, x: torch.Tensor) -> torch.Tensor | None:
         """Layer's output for x, or None when the fused path does not apply (the caller runs PEFT's)."""
         if torch.compiler.is_compiling():
             return None  # PEFT's forward, traced whole (see the module docstring)
-        reason = layer.fallback_reason(x)
+        cast_to = autocast_dtype(x)
+        if self._pending and x is self._pending_input:
+            y = self._pending_output(layer, x, cast_to)
+            if y is not None:
+                self.recorder.fused(layer)
+                return y
+        plan = self._plan
+        context = (x.dtype, x.device, cast_to, _grouped_cuda.stacks_outputs(x))
+        if plan is None or plan.context != context or not plan.watch_of[id(layer)].matches(layer):
+            plan = self._plan = GroupPlan(self.members, x, context)
+        reason = plan.reasons.get(id(layer))
         if reason is not None:
             self.recorder.fell_back(layer, reason)
             return None
         self.recorder.fused(layer)
-        own = layer.fused_key(x)
         if x.is_inference():  # no version counter to key a cache on: this layer alone
-            return self._compute([layer], x, own)[0]
-        key = (id(x), x._version, torch.is_grad_enabled())
-        if key == self._pending_key and id(layer) in self._pending:
-            y, state = self._pending.pop(id(layer))
-            if not self._pending:
-                self._pending_key = self._pending_input = None
-            if state == layer.parameter_state(own):
-                return y
-        members = [m for m in self.members if m is layer or (m.fallback_reason(x) is None and m.fused_key(x) == own)]
-        outputs = self._compute(members, x, own)
-        self._pending = {id(m): (y, m.parameter_state(own)) for m, y in zip(members, outputs) if m is not layer}
-        # Keep x alive while outputs are pending, so its id cannot be reused by another tensor.
-        self._pending_key = key if self._pending else None
-        self._pending_input = x if self._pending else None
-        return outputs[members.index(layer)]
+            return plan.alone(layer, x).run(x)[0]
+        batch = plan.batches[id(layer)]
+        outputs = batch.run(x)
+        if len(outputs) > 1:
+            # Keep x alive while outputs are pending, so its id cannot be reused by another tensor.
+            self._pending_input, self._pending_key = x, (x._version, torch.is_grad_enabled(), cast_to)
+            self._pending = {id(m): (y, plan.watch_of[id(m)], versions(batch.member_tensors(m)), batch)
+                             for m, y in zip(batch.members, outputs) if m is not layer}
+        return outputs[batch.position[id(layer)]]
 
-    def _compute(self, members: list[FusedLoraLinear], x: torch.Tensor, key: tuple) -> list[torch.Tensor]:
-        """The members' outputs for x, one grouped_lora call; key is their common `fused_key`."""
-        adapter, dropout_p = key[0], key[1]
-        weights, bias = self._base(members)
-        return grouped_lora_unchecked(
-            x, weights, bias, [m.lora_A[adapter].weight for m in members], [m.lora_B[adapter].weight for m in members],
-            [m.scaling[adapter] for m in members], dropout_p=dropout_p)
-
-    def _base(self, members: list[FusedLoraLinear]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """The members' base weights (one per layer, or [W_cat] where the op stacks: CUDA) and stacked bias.
-
-        CUDA's one base GEMM needs W_cat [sum d_out, d_in]: a copy of the frozen weights, cached
-        while they are unchanged (a second copy of those weights in memory). CPU computes a GEMM
-        per layer and takes the weights as they are, without a copy. A Conv1D base (GPT-2, PEFT's
-        fan_in_fan_out) stores [d_in, d_out]: the op gets its transposed view, and the cache key stays
-        on the parameters (a view is a new object on every call). Weights FSDP manages (fully_shard or
-        FullyShardedDataParallel) are never cached: FSDP frees their unsharded copies after each forward,
-        and a cached W_cat would keep a full copy of them alive between steps; they are stacked per call.
-        """
-        biases = [m.base_layer.bias for m in members]
-        params = [p for p in [m.base_layer.weight for m in members] + biases if p is not None]
-        weights = [linear_weight(m.base_layer) for m in members]
-        if (len(members) == 1 or not stacks_outputs(weights[0]) or any(p.requires_grad for p in params)
-                or any(fsdp_managed(m.base_layer) for m in members)):
-            return weights, stack_biases(weights, biases)
-        key = tuple((id(p), p.data_ptr(), p._version) for p in params)
-        if key != self._stacked_key:
-            with torch.no_grad():
-                self._stacked = ([torch.cat(weights)], stack_biases(weights, biases))
-            self._stacked_key = key
-        return self._stacked
+    def _pending_output(self, layer: FusedLoraLinear, x: torch.Tensor, cast_to) -> torch.Tensor | None:
+        """Layer's output computed with its group-mates' for this very x, if nothing it depends on changed."""
+        entry = None
+        if self._pending_key == (x._version, torch.is_grad_enabled(), cast_to):
+            entry = self._pending.pop(id(layer), None)
+        if not self._pending or entry is None:
+            self._pending, self._pending_input, self._pending_key = {}, None, None
+        if entry is None:
+            return None
+        y, watch, tensor_versions, batch = entry
+        if not watch.matches(layer) or tensor_versions != versions(batch.member_tensors(layer)):
+            return None
+        return y
 
 
 class FusedLoraLinear(lora.Linear):
@@ -159,15 +139,7 @@ class FusedLoraLinear(lora.Linear):
         adapter = self.active_adapters[0]
         dropout = self.lora_dropout[adapter]
         dropout_p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-        device_type = x.device.type
-        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        return adapter, dropout_p, self.lora_A[adapter].weight.dtype, autocast
-
-    def parameter_state(self, key: tuple) -> tuple:
-        """The fused key with the versions of the tensors an output was computed from (in-place edits show)."""
-        adapter = key[0]
-        tensors = (self.base_layer.weight, self.base_layer.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight)
-        return key, tuple(None if t is None else (id(t), -1 if t.is_inference() else t._version) for t in tensors)
+        return adapter, dropout_p, self.lora_A[adapter].weight.dtype, autocast_dtype(x)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args or kwargs:

@@ -18,7 +18,8 @@ from peft.tuners import lora
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from slora_kernels.nn.fused import FusedLoraLinear, LoraGroup, has_hooks
+from slora_kernels.nn.fused import FusedLoraLinear, LoraGroup
+from slora_kernels.nn.plan import has_hooks
 from slora_kernels.nn.stats import FusionRecorder, FusionStats
 
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+SEED_BOUND = 2**62
 
 
 def check_tensor(name: str, value: object, *, ndim: int | Sequence[int] | None = None,
@@ -44,3 +45,8 @@ def triton_path(t: torch.Tensor) -> bool:
     """CUDA tensors take the Triton kernels. The ops look this up on the module at each call, so
     tests and the GPU suite's dry run can route CPU tensors there (run by Triton's interpreter)."""
     return t.is_cuda
+
+
+def draw_seed() -> int:
+    """A dropout seed from torch's global RNG (torch.manual_seed makes runs repeat)."""
+    return int(torch.randint(SEED_BOUND, (1,)).item())

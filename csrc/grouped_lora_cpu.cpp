@@ -1,0 +1,322 @@
+// slora::grouped_lora_cpu: a shared-input group of LoRA linears, forward and backward in C++ (CPU).
+//
+//   grouped_lora_cpu(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor[] lora_a, Tensor[] lora_b,
+//                    float[] scales, float dropout_p, int seed, ScalarType? cast_to,
+//                    bool column_major_half) -> Tensor[]
+//
+// Output i = x W_i^T + b_i + scales[i] * drop(x) A_i^T B_i^T, shaped like x with d_out_i last, in x's
+// dtype; the LoRA branch runs in the factors' dtype on x cast to it (PEFT's rule). The same computation
+// as slora_kernels/ops/_grouped_cpu.py, which stays the fallback without the extension and the body of
+// the torch.compile ops; here one call from Python runs the whole forward, and the backward runs as one
+// C++ autograd node: no Python per op, which is most of a LoRA layer's cost when the tensors are small.
+//
+// Forward: S = drop(x) A_cat^T (one GEMM over the packed A), y_i = x W_i^T + b_i, y_i += s_i S_i B_i^T
+// in place. Backward: dS_i = s_i dY_i B_i and dB_i = s_i dY_i^T S_i (the scale rides on the GEMM's
+// alpha), dA_cat = dS^T drop(x), dx = drop(dS A_cat) + sum_i dY_i W_i. Saved through autograd's saved
+// variables (so saved-tensor hooks, checkpointing and offloading see them): x (or its autocast copy),
+// S and A_cat; the dropout mask is drawn again from `seed`, never stored. cast_to: torch.autocast's
+// dtype, every floating input (float64 excepted) cast to it first (A once, packed) and each gradient
+// returned in its input's dtype; the base weights' copies are saved for the backward, as F.linear's are.
+// column_major_half: feed half-precision right operands column-major (a copy), for CPUs whose
+// half-precision GEMM is slow on row-major ones (decided by a measurement in Python). The autograd node
+// takes x, the factors and (only when one trains) the base tensors as inputs; the rest of the call's state
+// is one object, so the per-call bookkeeping stays small.
+#include <torch/extension.h>
+
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#include "dropout.h"
+
+namespace slora {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct Layout {
+  std::vector<int64_t> ranks, d_outs;
+  std::vector<double> scales;
+  double dropout_p;
+  int64_t seed;
+  bool column_major_half;
+};
+
+at::Tensor flat(const at::Tensor& t) { return t.dim() == 2 ? t : t.reshape({-1, t.size(-1)}); }
+
+at::Tensor drop(const at::Tensor& t, const Layout& layout) {
+  return layout.dropout_p == 0.0 ? t : dropout_cpu(t, layout.dropout_p, layout.seed);
+}
+
+// m as a GEMM's right operand: column-major for half precision where the caller asked for it.
+at::Tensor right_operand(const at::Tensor& m, const Layout& layout) {
+  const bool half = m.scalar_type() == at::kBFloat16 || m.scalar_type() == at::kHalf;
+  if (!layout.column_major_half || !half || m.stride(0) == 1) return m;
+  return m.t().contiguous().t();
+}
+
+bool castable(const at::Tensor& t, std::optional<at::ScalarType> dtype) {
+  return dtype && t.defined() && at::isFloatingType(t.scalar_type()) && t.scalar_type() != at::kDouble &&
+         t.scalar_type() != *dtype;
+}
+
+at::Tensor cast(const at::Tensor& t, std::optional<at::ScalarType> dtype) {
+  return castable(t, dtype) ? t.to(*dtype) : t;
+}
+
+std::vector<at::Tensor> cast_all(at::TensorList ts, std::optional<at::ScalarType> dtype) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(cast(t, dtype));
+  return out;
+}
+
+at::Tensor as_factor(const at::Tensor& t, at::ScalarType factor) {
+  return t.scalar_type() == factor ? t : t.to(factor);
+}
+
+// The tensors one call reads besides x, in the dtypes it computes in (autocast's when cast_to is set).
+struct Operands {
+  std::vector<at::Tensor> weights, lora_b;
+  at::Tensor a_cat;  // the A factors packed [R, d_in]
+  std::vector<std::optional<at::Tensor>> biases;
+};
+
+Operands operands_of(at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                     at::TensorList lora_a, at::TensorList lora_b, std::optional<at::ScalarType> cast_to) {
+  Operands ops;
+  for (const auto& b : biases) {
+    std::optional<at::Tensor> bias = b;
+    ops.biases.push_back(bias && bias->defined() ? std::optional<at::Tensor>(cast(*bias, cast_to)) : std::nullopt);
+  }
+  ops.a_cat = cast(lora_a.size() == 1 ? lora_a[0] : at::cat(lora_a), cast_to);
+  ops.weights = cast_all(weights, cast_to);
+  ops.lora_b = cast_all(lora_b, cast_to);
+  return ops;
+}
+
+Layout make_layout(const std::vector<at::Tensor>& lora_b, at::ArrayRef<double> scales, double dropout_p,
+                   int64_t seed, bool column_major_half) {
+  Layout layout{{}, {}, scales.vec(), dropout_p, seed, column_major_half};
+  for (const auto& b : lora_b) {
+    layout.d_outs.push_back(b.size(0));
+    layout.ranks.push_back(b.size(1));
+  }
+  return layout;
+}
+
+struct Forward {
+  std::vector<at::Tensor> outputs;
+  at::Tensor s, a_cat;
+};
+
+Forward forward_impl(const at::Tensor& x, const Operands& ops, const Layout& layout) {
+  const auto factor = ops.a_cat.scalar_type();
+  const auto x2 = flat(x);
+  Forward result;
+  result.a_cat = ops.a_cat;
+  result.s = at::mm(drop(as_factor(x2, factor), layout), result.a_cat.t());
+  const auto s_parts = ops.lora_b.size() == 1 ? std::vector<at::Tensor>{result.s}
+                                              : result.s.split_with_sizes(layout.ranks, 1);
+  auto shape = x.sizes().vec();
+  for (size_t i = 0; i < ops.weights.size(); ++i) {
+    const auto w_t = ops.weights[i].t();
+    auto y = ops.biases[i] ? at::addmm(*ops.biases[i], x2, w_t) : at::mm(x2, w_t);
+    if (y.scalar_type() == factor) {
+      y.addmm_(s_parts[i], ops.lora_b[i].t(), 1.0, layout.scales[i]);
+    } else {  // PEFT's mixed-dtype sum: computed in the wider dtype, rounded once into y's
+      y.add_(at::mm(s_parts[i], ops.lora_b[i].t()), layout.scales[i]);
+    }
+    shape.back() = layout.d_outs[i];
+    // Not a view of y (a view returned by an autograd node could not be modified in place by the caller).
+    result.outputs.push_back(x.dim() == 2 ? y : at::_unsafe_view(y, shape));
+  }
+  return result;
+}
+
+struct Backward {
+  at::Tensor grad_x;
+  std::vector<at::Tensor> grad_a, grad_b, grad_w, grad_bias;  // grad_bias: the present biases only
+};
+
+// a_dtype: the A factors' own dtype (autocast computes in another), so that dA_cat is cast once, before it is split.
+Backward backward_impl(const variable_list& grads, const at::Tensor& x, const at::Tensor& s, const at::Tensor& a_cat,
+                       const Operands& ops, const Layout& layout, bool need_x, bool need_base,
+                       at::ScalarType a_dtype) {
+  const auto factor = s.scalar_type();
+  const auto x2 = flat(x);
+  const size_t groups = ops.lora_b.size();
+  const auto s_parts = groups == 1 ? std::vector<at::Tensor>{s} : s.split_with_sizes(layout.ranks, 1);
+  std::vector<at::Tensor> dys, ds_parts;
+  Backward result;
+  for (size_t i = 0; i < groups; ++i) {
+    dys.push_back(flat(grads[i]));
+    const auto dy = as_factor(dys[i], factor);
+    // beta = 0: the GEMM writes alpha * (a @ b) and ignores its addend (a tensor of the result's shape).
+    ds_parts.push_back(at::addmm(s_parts[i], dy, right_operand(ops.lora_b[i], layout), 0.0, layout.scales[i]));
+    result.grad_b.push_back(at::addmm(ops.lora_b[i], dy.t(), s_parts[i], 0.0, layout.scales[i]));
+  }
+  const auto ds = groups == 1 ? ds_parts[0] : at::cat(ds_parts, 1);
+  auto grad_a = at::mm(ds.t(), drop(as_factor(x2, factor), layout));
+  if (grad_a.scalar_type() != a_dtype) grad_a = grad_a.to(a_dtype);
+  result.grad_a = groups == 1 ? std::vector<at::Tensor>{grad_a} : grad_a.split_with_sizes(layout.ranks);
+  if (need_x) {
+    auto grad_x = drop(at::mm(ds, right_operand(a_cat, layout)), layout);
+    if (grad_x.scalar_type() != x.scalar_type()) grad_x = grad_x.to(x.scalar_type());
+    for (size_t i = 0; i < groups; ++i) grad_x.addmm_(dys[i], right_operand(ops.weights[i], layout));
+    result.grad_x = grad_x.view(x.sizes());
+  }
+  if (need_base) {
+    for (size_t i = 0; i < groups; ++i) {
+      result.grad_w.push_back(at::mm(dys[i].t(), x2));
+      if (ops.biases[i]) result.grad_bias.push_back(dys[i].sum(0));
+    }
+  }
+  return result;
+}
+
+void check_args(const at::Tensor& x, at::TensorList weights, size_t n_biases, at::TensorList lora_a,
+                at::TensorList lora_b, at::ArrayRef<double> scales) {
+  const size_t groups = weights.size();
+  TORCH_CHECK(groups > 0, "grouped_lora_cpu: weights must hold at least one weight");
+  TORCH_CHECK(n_biases == groups && lora_a.size() == groups && lora_b.size() == groups && scales.size() == groups,
+              "grouped_lora_cpu: biases, lora_a, lora_b and scales must have one entry per weight");
+  TORCH_CHECK(x.device().is_cpu(), "grouped_lora_cpu: x must be a CPU tensor");
+}
+
+// The call's state the backward reads, besides the saved activations: parameters and the layout.
+struct State : torch::CustomClassHolder {
+  Operands ops;
+  at::ScalarType a_dtype;
+  Layout layout;
+  std::optional<at::ScalarType> cast_to;
+  std::vector<at::ScalarType> dtypes;  // each autograd input's dtype (gradients return in it)
+  bool base_inputs = false;            // the base weights and biases are inputs (one of them trains)
+  size_t n_biases = 0;                 // present biases
+};
+
+// Without autograd (no_grad, inference_mode): the forward alone.
+std::vector<at::Tensor> grouped_lora_cpu(const at::Tensor& x, at::TensorList weights,
+                                         const c10::List<std::optional<at::Tensor>>& biases, at::TensorList lora_a,
+                                         at::TensorList lora_b, at::ArrayRef<double> scales, double dropout_p,
+                                         int64_t seed, std::optional<at::ScalarType> cast_to, bool column_major_half) {
+  check_args(x, weights, biases.size(), lora_a, lora_b, scales);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const auto ops = operands_of(weights, biases, lora_a, lora_b, cast_to);
+  return forward_impl(cast(x, cast_to), ops, make_layout(ops.lora_b, scales, dropout_p, seed, column_major_half))
+      .outputs;
+}
+
+class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction> {
+ public:
+  // Autograd inputs, in edge order: x, lora_a..., lora_b..., then (if one trains) weights..., present biases...
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList lora_a,
+                               at::TensorList lora_b, at::TensorList base, c10::intrusive_ptr<State> state) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // no recording, no view tracking: plain kernels
+    const auto x_cast = cast(x, state->cast_to);
+    auto result = forward_impl(x_cast, state->ops, state->layout);
+    variable_list saved{x_cast, result.s, result.a_cat};
+    if (state->cast_to) {  // autocast's copies: saved (hooks see them), not held by the state
+      saved.insert(saved.end(), state->ops.lora_b.begin(), state->ops.lora_b.end());
+      saved.insert(saved.end(), state->ops.weights.begin(), state->ops.weights.end());
+      state->ops.lora_b.clear();
+      state->ops.weights.clear();
+    }
+    state->ops.a_cat.reset();
+    ctx->save_for_backward(saved);
+    ctx->saved_data["state"] = c10::IValue::make_capsule(std::move(state));
+    return result.outputs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto state = c10::static_intrusive_pointer_cast<State>(ctx->saved_data["state"].toCapsule());
+    const auto saved = ctx->get_saved_variables();
+    const size_t groups = state->layout.ranks.size();
+    auto ops = state->ops;
+    if (state->cast_to) {
+      ops.lora_b.assign(saved.begin() + 3, saved.begin() + 3 + groups);
+      ops.weights.assign(saved.begin() + 3 + groups, saved.end());
+    }
+    bool need_base = false;
+    if (state->base_inputs) {
+      for (size_t i = 1 + 2 * groups; i < state->dtypes.size(); ++i) need_base = need_base || ctx->needs_input_grad(i);
+    }
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto result = backward_impl(grads, saved[0], saved[1], saved[2], ops, state->layout, ctx->needs_input_grad(0),
+                                need_base, state->a_dtype);
+    variable_list out{result.grad_x};
+    out.insert(out.end(), result.grad_a.begin(), result.grad_a.end());
+    out.insert(out.end(), result.grad_b.begin(), result.grad_b.end());
+    if (state->base_inputs) {
+      for (size_t i = 0; i < groups; ++i) out.push_back(need_base ? result.grad_w[i] : at::Tensor());
+      for (size_t i = 0; i < state->n_biases; ++i) out.push_back(need_base ? result.grad_bias[i] : at::Tensor());
+    }
+    if (state->cast_to) {  // each gradient in its input's dtype, as autocast's cast nodes would give it
+      for (size_t i = 0; i < out.size(); ++i) {
+        if (out[i].defined() && out[i].scalar_type() != state->dtypes[i]) out[i] = out[i].to(state->dtypes[i]);
+      }
+    }
+    out.emplace_back();  // the state argument: no gradient
+    return out;
+  }
+};
+
+std::vector<at::Tensor> grouped_lora_cpu_autograd(const at::Tensor& x, at::TensorList weights,
+                                                  const c10::List<std::optional<at::Tensor>>& biases,
+                                                  at::TensorList lora_a, at::TensorList lora_b,
+                                                  at::ArrayRef<double> scales, double dropout_p, int64_t seed,
+                                                  std::optional<at::ScalarType> cast_to, bool column_major_half) {
+  check_args(x, weights, biases.size(), lora_a, lora_b, scales);
+  auto state = c10::make_intrusive<State>();
+  {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    at::AutoGradMode no_grad(false);  // the autocast copies are the op's own, not autograd's
+    state->ops = operands_of(weights, biases, lora_a, lora_b, cast_to);
+  }
+  state->a_dtype = lora_a[0].scalar_type();
+  state->layout = make_layout(state->ops.lora_b, scales, dropout_p, seed, column_major_half);
+  state->cast_to = cast_to;
+  std::vector<at::Tensor> base;
+  for (const auto& w : weights) state->base_inputs = state->base_inputs || w.requires_grad();
+  for (const auto& b : state->ops.biases) state->base_inputs = state->base_inputs || (b && b->requires_grad());
+  if (state->base_inputs) {
+    base = weights.vec();
+    for (const auto& b : biases) {
+      std::optional<at::Tensor> bias = b;
+      if (bias && bias->defined()) base.push_back(*bias);
+    }
+    state->n_biases = base.size() - weights.size();
+  }
+  if (cast_to) {
+    state->dtypes.push_back(x.scalar_type());
+    for (auto list : {lora_a, lora_b, at::TensorList(base)}) {
+      for (const auto& t : list) state->dtypes.push_back(t.scalar_type());
+    }
+  } else {
+    state->dtypes.resize(1 + lora_a.size() + lora_b.size() + base.size());
+  }
+  return GroupedLoraFunction::apply(x, lora_a, lora_b, at::TensorList(base), std::move(state));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(slora, m) {
+  m.def("grouped_lora_cpu(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor[] lora_a, Tensor[] lora_b, "
+        "float[] scales, float dropout_p, int seed, ScalarType? cast_to, bool column_major_half) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(slora, CPU, m) {
+  m.impl("grouped_lora_cpu", &grouped_lora_cpu);
+}
+
+TORCH_LIBRARY_IMPL(slora, AutogradCPU, m) {
+  m.impl("grouped_lora_cpu", &grouped_lora_cpu_autograd);
+}
+
+}  // namespace slora

@@ -1,0 +1,120 @@
+"""A fused group's plan: what its calls compute, decided once per state of the group.
+
+Whether a layer may take the fused path, and with which layout, depends on its adapter state and
+submodules and on the call (x's dtype and device, autocast, the device path). Deriving that member by
+member on every call was most of the fused path's host time. A plan decides it once for a call context
+and keeps, per member, a `LayerWatch` of what the decisions read; each layer call checks its own watch,
+and any change (a hook added, an adapter disabled or switched, `model.eval()`) rebuilds the plan then.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slora_kernels.layers import is_conv1d, linear_weight
+from slora_kernels.ops._grouped_cuda import stacks_outputs
+from slora_kernels.ops.grouped_lora import GroupLayout, Operands, prepare, run_group
+from slora_kernels.nn.watch import LayerWatch, hooked
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling module runs code besides its forward (see `slora_kernels.nn.watch.hooked`)."""
+    return hooked(module.__dict__)
+
+
+def fsdp_managed(module: nn.Module) -> bool:
+    """Whether FSDP shards module's parameters: fully_shard and FullyShardedDataParallel both mark every
+    module they manage with this flag (torch.compile reads it)."""
+    return module.__dict__.get("_is_fsdp_managed_module", False)
+
+
+def versions(tensors) -> tuple:
+    """Version counters of tensors (None stays None; an inference tensor, which has none, counts as -1)."""
+    return tuple(None if t is None else -1 if t.is_inference() else t._version for t in tensors)
+
+
+class Batch:
+    """Members of a group computed by one call: their layout and tensors (the same fused key)."""
+
+    def __init__(self, members: list, fused_key: tuple, x: torch.Tensor):
+        adapter, dropout_p, _, cast_to = fused_key
+        self.members, self.fused_key = members, fused_key
+        self.position = {id(m): i for i, m in enumerate(members)}
+        bases = [m.base_layer for m in members]
+        self.weights = [b.weight for b in bases]
+        self.biases = [b.bias for b in bases]
+        self.lora_a = [m.lora_A[adapter].weight for m in members]
+        self.lora_b = [m.lora_B[adapter].weight for m in members]
+        self.layout = GroupLayout.of(self.lora_b, [m.scaling[adapter] for m in members], dropout_p, cast_to)
+        self.bases = bases
+        self.conv1d = any(is_conv1d(b) for b in bases)
+        self.operands = Operands(self._weights(), self.biases, self.lora_a, self.lora_b)
+        # CUDA's one base GEMM reads W_cat [sum d_out, d_in]: a copy of the frozen weights, cached while they
+        # are unchanged. Never for weights FSDP manages (it frees their unsharded copies after each forward;
+        # a cached W_cat would keep a full copy alive) or that train (checked per call).
+        self.caches_stack = (stacks_outputs(x) and len(members) > 1 and not any(fsdp_managed(b) for b in bases))
+        self.call = prepare(self.layout, self.operands, x)
+        self._stack_key: tuple | None = None
+        self._stacked: Operands | None = None
+
+    def member_tensors(self, layer) -> tuple:
+        i = self.position[id(layer)]
+        return self.weights[i], self.biases[i], self.lora_a[i], self.lora_b[i]
+
+    def _weights(self) -> list[torch.Tensor]:
+        """The base weights as [d_out, d_in]: Conv1D stores [d_in, d_out], read through a transposed view."""
+        return [linear_weight(b) for b in self.bases]
+
+    def run(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.caches_stack and not any(w.requires_grad for w in self.weights):
+            operands = self._stacked_operands()
+        elif self.conv1d:  # a view made now follows the parameter even if its storage was swapped
+            operands = Operands(self._weights(), self.biases, self.lora_a, self.lora_b)
+        else:
+            return self.call(x)
+        return run_group(self.layout, x, operands)
+
+    def _stacked_operands(self) -> Operands:
+        """CUDA's operands with the frozen weights and biases stacked, rebuilt when any of them changed."""
+        params = [p for p in (*self.weights, *self.biases) if p is not None]
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if key != self._stack_key:
+            weights = self._weights()
+            with torch.no_grad():
+                w_cat = torch.cat(weights)
+                b_cat = None
+                if any(b is not None for b in self.biases):
+                    b_cat = torch.cat([w.new_zeros(w.shape[0]) if b is None else b
+                                       for w, b in zip(weights, self.biases)])
+            self._stacked, self._stack_key = Operands([w_cat], [b_cat], self.lora_a, self.lora_b), key
+        return self._stacked
+
+
+class GroupPlan:
+    """Which members run PEFT's forward (and why), and the batches the others are computed in, for one
+    call context (x's dtype and device, autocast dtype, device path) and the members' states."""
+
+    def __init__(self, members: list, x: torch.Tensor, context: tuple):
+        self.context = context
+        self.watch_of = {id(m): LayerWatch(m) for m in members}
+        self.reasons: dict[int, str] = {}
+        by_key: dict[tuple, list] = {}
+        for member in members:
+            reason = member.fallback_reason(x)
+            if reason is None:
+                by_key.setdefault(member.fused_key(x), []).append(member)
+            else:
+                self.reasons[id(member)] = reason
+        self.batches = {id(m): batch for key, batch_members in by_key.items()
+                        for batch in (Batch(batch_members, key, x),) for m in batch_members}
+        self._alone: dict[int, Batch] = {}
+
+    def alone(self, layer, x: torch.Tensor) -> Batch:
+        """A batch of layer by itself (inference tensors: no version counter proves a shared output fresh)."""
+        batch = self._alone.get(id(layer))
+        if batch is None:
+            batch = self.batches[id(layer)]
+            if len(batch.members) > 1:
+                batch = Batch([layer], batch.fused_key, x)
+            self._alone[id(layer)] = batch
+        return batch
