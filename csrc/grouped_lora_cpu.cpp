@@ -13,8 +13,8 @@
 // Forward: S = drop(x) A_cat^T (one GEMM over the packed A), y_i = x W_i^T + b_i, y_i += s_i S_i B_i^T
 // in place. Backward: dS_i = s_i dY_i B_i and dB_i = s_i dY_i^T S_i (the scale rides on the GEMM's
 // alpha), dA_cat = dS^T drop(x), dx = drop(dS A_cat) + sum_i dY_i W_i. Saved through autograd's saved
-// variables (so saved-tensor hooks, checkpointing and offloading see them): x (or its autocast copy),
-// S and A_cat; the dropout mask is drawn again from `seed`, never stored. cast_to: torch.autocast's
+// variables (so saved-tensor hooks, checkpointing and offloading see them): x (or its autocast copy) and
+// S; A_cat is packed again in the backward and the dropout mask drawn again from `seed`, never stored. cast_to: torch.autocast's
 // dtype, every floating input (float64 excepted) cast to it first (A once, packed) and each gradient
 // returned in its input's dtype; the base weights' copies are saved for the backward, as F.linear's are.
 // column_major_half: feed half-precision right operands column-major (a copy), for CPUs whose
@@ -191,6 +191,7 @@ void check_args(const at::Tensor& x, at::TensorList weights, size_t n_biases, at
 // The call's state the backward reads, besides the saved activations: parameters and the layout.
 struct State : torch::CustomClassHolder {
   Operands ops;
+  std::vector<at::Tensor> lora_a;  // as given: A_cat is packed again from them in the backward
   at::ScalarType a_dtype;
   Layout layout;
   std::optional<at::ScalarType> cast_to;
@@ -220,8 +221,9 @@ class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // no recording, no view tracking: plain kernels
     const auto x_cast = cast(x, state->cast_to);
     auto result = forward_impl(x_cast, state->ops, state->layout);
-    variable_list saved{x_cast, result.s, result.a_cat};
+    variable_list saved{x_cast, result.s};
     if (state->cast_to) {  // autocast's copies: saved (hooks see them), not held by the state
+      saved.push_back(result.a_cat);
       saved.insert(saved.end(), state->ops.lora_b.begin(), state->ops.lora_b.end());
       saved.insert(saved.end(), state->ops.weights.begin(), state->ops.weights.end());
       state->ops.lora_b.clear();
@@ -239,8 +241,11 @@ class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction
     const size_t groups = state->layout.ranks.size();
     auto ops = state->ops;
     if (state->cast_to) {
+      ops.a_cat = saved[2];
       ops.lora_b.assign(saved.begin() + 3, saved.begin() + 3 + groups);
       ops.weights.assign(saved.begin() + 3 + groups, saved.end());
+    } else {
+      ops.a_cat = groups == 1 ? state->lora_a[0] : at::cat(state->lora_a);
     }
     bool need_base = false;
     if (state->base_inputs) {
@@ -248,7 +253,7 @@ class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction
     }
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto result = backward_impl(grads, saved[0], saved[1], saved[2], ops, state->layout, ctx->needs_input_grad(0),
+    auto result = backward_impl(grads, saved[0], saved[1], ops.a_cat, ops, state->layout, ctx->needs_input_grad(0),
                                 need_base, state->a_dtype);
     variable_list out{result.grad_x};
     out.insert(out.end(), result.grad_a.begin(), result.grad_a.end());
@@ -280,6 +285,7 @@ std::vector<at::Tensor> grouped_lora_cpu_autograd(const at::Tensor& x, at::Tenso
     state->ops = operands_of(weights, biases, lora_a, lora_b, cast_to);
   }
   state->a_dtype = lora_a[0].scalar_type();
+  if (!cast_to) state->lora_a = lora_a.vec();
   state->layout = make_layout(state->ops.lora_b, scales, dropout_p, seed, column_major_half);
   state->cast_to = cast_to;
   std::vector<at::Tensor> base;

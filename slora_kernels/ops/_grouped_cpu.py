@@ -93,9 +93,9 @@ def column_major(m: torch.Tensor) -> torch.Tensor:
     return m if m.stride(0) == 1 else m.t().contiguous().t()
 
 
-def pack_factors(lora_a, lora_b):
-    """(A_cat, None): the packed A the backward needs (B stays per layer here)."""
-    return (lora_a[0] if len(lora_a) == 1 else torch.cat(lora_a)), None
+def _pack_a(lora_a) -> torch.Tensor:
+    """A_cat [R, d_in] (a copy for G > 1: made in the forward and again in the backward rather than kept)."""
+    return lora_a[0] if len(lora_a) == 1 else torch.cat(lora_a)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -112,12 +112,12 @@ def _per_layer(tensors: list, layout, dim: int = 0) -> list:
 
 
 def forward(layout, x, operands, seed):
-    """([y_0 .. y_{G-1}], (S, A_cat, None)): outputs [..., d_out_i] shaped like x (not views, so callers may
-    modify them in place) in x's dtype; S [N, R] in the factors' dtype."""
+    """([y_0 .. y_{G-1}], (S,)): outputs [..., d_out_i] shaped like x (not views, so callers may modify them
+    in place) in x's dtype; S [N, R] in the factors' dtype, the one tensor the backward needs saved besides x."""
     factor_dtype = operands.lora_a[0].dtype
     flat = _flat(x)
     xf = flat if flat.dtype == factor_dtype else flat.to(factor_dtype)
-    a_cat, _ = pack_factors(operands.lora_a, operands.lora_b)
+    a_cat = _pack_a(operands.lora_a)
     s = F.linear(dropout(xf, layout.dropout_p, seed), a_cat)
     s_parts = (s,) if len(layout.ranks) == 1 else s.split_with_sizes(layout.ranks, 1)
     ys = []
@@ -135,13 +135,13 @@ def forward(layout, x, operands, seed):
         else:  # PEFT's mixed-dtype sum: computed in the wider dtype, rounded once into y's
             y_flat.add_(torch.mm(s_i, b_t), alpha=scale)
         ys.append(y)
-    return ys, (s, a_cat, None)
+    return ys, (s,)
 
 
-def backward(layout, grads, x, weights, has_bias, lora_b, saved, seed, need_x, need_weight, need_bias):
+def backward(layout, grads, x, weights, has_bias, lora_a, lora_b, saved, seed, need_x, need_weight, need_bias):
     """(dx, [dW_i], [db_i], [dA_i], [dB_i]) from one output gradient per layer (each shaped like its
-    output); None where not needed (and for a layer without a bias)."""
-    s, a_cat, _ = saved
+    output); None where not needed (and for a layer without a bias). saved: (S,)."""
+    (s,) = saved
     factor_dtype = s.dtype
     flat = _flat(x)
     grads = [_flat(g) for g in grads]
@@ -159,6 +159,7 @@ def backward(layout, grads, x, weights, has_bias, lora_b, saved, seed, need_x, n
     grad_a = (grad_a,) if len(grads) == 1 else grad_a.split_with_sizes(layout.ranks)
     grad_x = None
     if need_x:
+        a_cat = _pack_a(lora_a)
         grad_x = dropout(torch.mm(ds, column_major(a_cat) if reorder else a_cat), layout.dropout_p, seed)
         grad_x = grad_x if grad_x.dtype == x.dtype else grad_x.to(x.dtype)
         reorder_base = column_major_half(x.dtype)

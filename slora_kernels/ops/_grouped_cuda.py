@@ -67,10 +67,12 @@ def forward(layout, x, operands, seed):
     return [torch.addmm(lora_term, x, stacked(operands.weights, layout).t())], (s, a_cat, b_flat)
 
 
-def backward(layout, grads, x, weights, has_bias, lora_b, saved, seed, need_x, need_weight, need_bias):
+def backward(layout, grads, x, weights, has_bias, lora_a, lora_b, saved, seed, need_x, need_weight, need_bias):
     """(dx, dW, db, [dA_i], [dB_i]) from the one [N, sum d_out] output gradient; dW and db one per tensor
-    given in weights / biases (per layer, or the stacked one), None where not needed."""
-    s, a_cat, b_flat = saved
+    given in weights / biases (per layer, or the stacked one), None where not needed. saved: the forward's
+    (S, A_cat, B_flat), or (S,) alone (the factors are packed again)."""
+    s, *packed = saved
+    a_cat, b_flat = packed or pack_factors(lora_a, lora_b)
     grad_y = grads[0].contiguous()  # the kernels read dY row-major
     shape, x = x.shape, x.reshape(-1, x.shape[-1])
     if not torch.are_deterministic_algorithms_enabled():

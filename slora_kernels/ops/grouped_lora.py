@@ -166,10 +166,10 @@ class _GroupedLora(torch.autograd.Function):
     """The eager op: the device body's forward and backward in one autograd node.
 
     Saved for the backward through `save_for_backward` (so saved-tensor hooks, checkpointing and offloading
-    see them): x (or its autocast copy), S and the body's packed factor copies. The parameters themselves
+    see them): x (or its autocast copy), S and what else the device body keeps. The parameters themselves
     are read from the operands the call holds, not saved again. Under autocast the casts happen here
-    (autograd records no cast nodes): the copies of B and of the base weights are saved (the latter as
-    F.linear's are), and each gradient returns in its input's dtype.
+    (autograd records no cast nodes): the copies of the factors and of the base weights are saved (the
+    latter as F.linear's are), and each gradient returns in its input's dtype.
     """
 
     @staticmethod
@@ -181,7 +181,8 @@ class _GroupedLora(torch.autograd.Function):
                                                                                          x.device.type)
         outputs, saved = body.forward(layout, x, operands, seed)
         ctx.call = call
-        copies = (*operands.lora_b, *operands.weights) if layout.cast_to is not None else ()
+        ctx.n_saved = len(saved)
+        copies = (*operands.lora_a, *operands.lora_b, *operands.weights) if layout.cast_to is not None else ()
         ctx.save_for_backward(x, *saved, *copies)
         return tuple(outputs)
 
@@ -190,14 +191,15 @@ class _GroupedLora(torch.autograd.Function):
         layout, body, seed, operands, trainable = ctx.call
         groups = len(layout.ranks)
         x, *saved = ctx.saved_tensors
-        weights, lora_b = operands.weights, operands.lora_b
+        saved, copies = saved[:ctx.n_saved], saved[ctx.n_saved:]
+        lora_a, lora_b, weights = operands.lora_a, operands.lora_b, operands.weights
         if layout.cast_to is not None:
-            n_weights = len(operands.weights)
-            saved, lora_b, weights = saved[:3], saved[3:3 + groups], saved[3 + groups:3 + groups + n_weights]
+            lora_a, lora_b, weights = copies[:groups], copies[groups:2 * groups], copies[2 * groups:]
         need = ctx.needs_input_grad
         has_bias = tuple(b is not None for b in operands.biases)
         grad_x, grad_w, grad_bias, grad_a, grad_b = body.backward(
-            layout, grads, x, weights, has_bias, lora_b, saved, seed, need[1], bool(trainable), bool(trainable))
+            layout, grads, x, weights, has_bias, lora_a, lora_b, saved, seed, need[1], bool(trainable),
+            bool(trainable))
         base = []
         if trainable:  # gradients of the base tensors given as inputs, in their order
             base = [g for g, t in zip((*grad_w, *grad_bias), (*operands.weights, *operands.biases))
@@ -300,11 +302,10 @@ def _grouped_backward(grads: list[torch.Tensor], x: torch.Tensor, weights: list[
     custom op returns tensors only); every gradient its own tensor (custom op outputs may not alias)."""
     body = _body(x)
     layout = GroupLayout.of(lora_b, scales, dropout_p)
-    saved = (s, *body.pack_factors(lora_a, lora_b))
     has_bias = tuple(b is not None for b in biases)
     grad_x, grad_w, grad_bias, grad_a, grad_b = body.backward(
-        layout, [g.contiguous() for g in grads], x, weights, has_bias, lora_b, saved, seed, need_x, need_weight,
-        need_bias)
+        layout, [g.contiguous() for g in grads], x, weights, has_bias, lora_a, lora_b, (s,), seed, need_x,
+        need_weight, need_bias)
     def given(grad):
         return x.new_empty(0) if grad is None else grad
 
