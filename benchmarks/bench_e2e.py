@@ -92,11 +92,16 @@ class Row:
         return added["fused"] / added["stock"] if added["stock"] > 0 else None
 
 
+_LOADED: dict[str, torch.nn.Module] = {}
+
+
 def build_model(name: str, overrides: dict, device: str):
-    if name == "smollm2":
+    if name == "smollm2":  # loaded once (~15 s), copied per row
         from slora_kernels.app.defaults import load_smollm2
 
-        return load_smollm2()[0].to(device)
+        if name not in _LOADED:
+            _LOADED[name] = load_smollm2()[0]
+        return copy.deepcopy(_LOADED[name]).to(device)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
