@@ -2,8 +2,9 @@
 
 Each row trains one model three ways from the same weights and batch, their steps interleaved (every
 round runs each once, in a rotating order), and reports medians:
-- floor: the model without adapters, input embeddings trainable so that backward still runs through every
-  layer: what LoRA adds to;
+- floor: the frozen model without adapters, its input embeddings' output made to require grad (transformers'
+  `enable_input_require_grads`) so that backward still runs through every layer: what LoRA adds to (training
+  the embeddings instead would also train a tied lm_head, SmolLM2's, and cost more than LoRA);
 - stock PEFT: `get_peft_model` with PEFT's defaults (fp32 adapters under a bf16 base);
 - fused: the same PEFT model after `slora_kernels.fuse`.
 Per row: step ms and tokens/s of each, LoRA's added time over the floor (stock, fused, fused / stock), the
@@ -131,7 +132,7 @@ def three_models(base, precision: str, config, checkpointing: bool, example: dic
         base = base.to(torch.bfloat16)
     floor = copy.deepcopy(base)
     floor.requires_grad_(False)
-    floor.get_input_embeddings().weight.requires_grad_(True)
+    floor.enable_input_require_grads()
     stock = get_peft_model(copy.deepcopy(base), config)
     fused = fuse(get_peft_model(copy.deepcopy(base), config), example_inputs=example)
     models = {"floor": floor, "stock": stock, "fused": fused}
@@ -146,15 +147,17 @@ def make_step(model, batch: dict, precision: str, device: str, optimizer: str):
     params = [p for p in model.parameters() if p.requires_grad]
     # fused AdamW: transformers.Trainer's default optimizer ("adamw_torch_fused", torch >= 2.8), on CPU too.
     opt = (torch.optim.AdamW(params, lr=1e-4, fused=True) if optimizer == "adamw"
-           else torch.optim.SGD(params, lr=1e-4, foreach=True))
+           else torch.optim.SGD(params, lr=1e-4, foreach=True)) if params else None
     autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "autocast-bf16" else None
 
     def step():
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
         with autocast or contextlib.nullcontext():
             loss = model(**batch).loss
         loss.backward()
-        opt.step()
+        if opt is not None:  # the floor trains nothing
+            opt.step()
 
     return step
 
