@@ -5,7 +5,9 @@
 //                    bool column_major_half) -> Tensor[]
 //
 // Output i = x W_i^T + b_i + scales[i] * drop(x) A_i^T B_i^T, shaped like x with d_out_i last, in x's
-// dtype; the LoRA branch runs in the factors' dtype on x cast to it (PEFT's rule). The same computation
+// dtype; the LoRA branch runs in the factors' dtype on x cast to it (PEFT's rule). With no weights (and no
+// biases) the outputs are the LoRA terms alone, in the factors' dtype: the caller adds them to base outputs it
+// computes itself (a quantized layer's). The same computation
 // as slora_kernels/ops/_grouped_cpu.py, which stays the fallback without the extension and the body of
 // the torch.compile ops; here one call from Python runs the whole forward, and the backward runs as one
 // C++ autograd node: no Python per op, which is most of a LoRA layer's cost when the tensors are small.
@@ -123,6 +125,12 @@ Forward forward_impl(const at::Tensor& x, const Operands& ops, const Layout& lay
   const auto s_parts = ops.lora_b.size() == 1 ? std::vector<at::Tensor>{result.s}
                                               : result.s.split_with_sizes(layout.ranks, 1);
   auto shape = x.sizes().vec();
+  for (size_t i = 0; i < ops.lora_b.size() && ops.weights.empty(); ++i) {  // the LoRA terms alone
+    auto y = at::mm(s_parts[i], ops.lora_b[i].t());
+    if (layout.scales[i] != 1.0) y.mul_(layout.scales[i]);
+    shape.back() = layout.d_outs[i];
+    result.outputs.push_back(x.dim() == 2 ? y : at::_unsafe_view(y, shape));
+  }
   for (size_t i = 0; i < ops.weights.size(); ++i) {
     const auto w_t = ops.weights[i].t();
     auto y = ops.biases[i] ? at::addmm(*ops.biases[i], x2, w_t) : at::mm(x2, w_t);
@@ -167,7 +175,7 @@ Backward backward_impl(const variable_list& grads, const at::Tensor& x, const at
   if (need_x) {
     auto grad_x = drop(at::mm(ds, right_operand(a_cat, layout)), layout);
     if (grad_x.scalar_type() != x.scalar_type()) grad_x = grad_x.to(x.scalar_type());
-    for (size_t i = 0; i < groups; ++i) grad_x.addmm_(dys[i], right_operand(ops.weights[i], layout));
+    for (size_t i = 0; i < ops.weights.size(); ++i) grad_x.addmm_(dys[i], right_operand(ops.weights[i], layout));
     result.grad_x = grad_x.view(x.sizes());
   }
   if (need_base) {
@@ -181,10 +189,12 @@ Backward backward_impl(const variable_list& grads, const at::Tensor& x, const at
 
 void check_args(const at::Tensor& x, at::TensorList weights, size_t n_biases, at::TensorList lora_a,
                 at::TensorList lora_b, at::ArrayRef<double> scales) {
-  const size_t groups = weights.size();
-  TORCH_CHECK(groups > 0, "grouped_lora_cpu: weights must hold at least one weight");
-  TORCH_CHECK(n_biases == groups && lora_a.size() == groups && lora_b.size() == groups && scales.size() == groups,
-              "grouped_lora_cpu: biases, lora_a, lora_b and scales must have one entry per weight");
+  const size_t groups = lora_a.size();
+  TORCH_CHECK(groups > 0, "grouped_lora_cpu: lora_a must hold at least one factor");
+  TORCH_CHECK(lora_b.size() == groups && scales.size() == groups,
+              "grouped_lora_cpu: lora_b and scales must have one entry per factor of lora_a");
+  TORCH_CHECK((weights.size() == groups && n_biases == groups) || (weights.empty() && n_biases == 0),
+              "grouped_lora_cpu: weights and biases must have one entry per layer, or none (the LoRA terms alone)");
   TORCH_CHECK(x.device().is_cpu(), "grouped_lora_cpu: x must be a CPU tensor");
 }
 

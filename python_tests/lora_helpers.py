@@ -7,6 +7,7 @@ from peft import LoraConfig, get_peft_model
 from slora_kernels import fuse
 from slora_kernels.layers import is_linear_like
 from slora_kernels.ops import _hash_dropout as hash_dropout
+from slora_kernels.ops.utils import draw_seed
 
 MINILM_TARGETS = ["query", "key", "value", "dense"]
 SMOLLM2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -46,6 +47,38 @@ def seeded_keep(x, p, seed):
         generator = torch.Generator(device=x.device).manual_seed(seed)
         return torch.empty_like(x).bernoulli_(1.0 - p, generator=generator) / (1.0 - p)
     return hash_dropout.dropout(torch.ones_like(x), p, seed)
+
+
+class HashDropout(torch.nn.Module):
+    """Stock PEFT's lora_dropout drawing what the fused op draws, for a reference run with the same masks: one
+    seed from torch's global RNG per shared input, then the hash mask of `slora_kernels.ops._hash_dropout` (the
+    fused op's, bit for bit). A fused group draws one seed for layers that read the same tensor; so does one
+    instance of this module set on all of them: a call with the values of the previous call's input (PEFT casts
+    the input per layer, so the tensors are copies) reuses its seed."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p, self._last = p, None
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        last = self._last
+        if last is None or last[0].shape != x.shape or not torch.equal(last[0], x):
+            last = self._last = (x.detach().clone(), draw_seed())
+        return hash_dropout.dropout(x, self.p, last[1])
+
+
+def use_hash_dropout(model, p):
+    """Give every LoRA layer of a stock PEFT model one shared HashDropout (see there); returns the model."""
+    from peft.tuners.lora import LoraLayer
+
+    dropout = HashDropout(p)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.lora_dropout:
+                module.lora_dropout[adapter] = dropout
+    return model
 
 
 def random_pattern(model, targets, seed):

@@ -50,9 +50,9 @@ def test_warns_once_per_reason_when_a_first_call_falls_back():
     assert len([w for w in caught if "slora_kernels" in str(w.message)]) == 1
 
 
-def test_no_fused_layers_is_an_error():
+def test_stats_of_a_model_never_fused_is_an_error():
     model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), LoraConfig(target_modules=["0"]))
-    with pytest.raises(ValueError, match="no fused LoRA layers; call slora_kernels.fuse"):
+    with pytest.raises(ValueError, match="not fused; call slora_kernels.fuse"):
         fusion_stats(model)
 
 

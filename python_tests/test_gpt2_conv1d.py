@@ -11,17 +11,14 @@ import warnings
 
 import pytest
 import torch
-from lora_helpers import lora_model, rel_err
+from lora_helpers import lora_model, rel_err, use_hash_dropout
 from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners import lora
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 from slora_kernels import estimate_sensitivity, fuse, fusion_stats, unfuse
 from slora_kernels.nn import FusedLoraLinear
-from slora_kernels.ops import _hash_dropout as hash_dropout
 from slora_kernels.ops import utils
-from slora_kernels.ops.utils import draw_seed
 from slora_kernels.sensitivity.estimate import _collector, _run
 from slora_kernels.sensitivity.targets import find_targets
 
@@ -56,20 +53,6 @@ def path(request, monkeypatch):
     return request.param
 
 
-class HashDropout(torch.nn.Module):
-    """Stock PEFT's lora_dropout drawing what the fused op draws: a seed from torch's global RNG per
-    call, then the hash mask of `slora_kernels.ops._hash_dropout` (the fused op's, bit for bit)."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if not self.training:
-            return x
-        return hash_dropout.dropout(x, self.p, draw_seed())
-
-
 def run(model, inputs, seed=0):
     """Logits and LoRA gradients of one training step's forward/backward, torch's RNG seeded."""
     torch.manual_seed(seed)
@@ -89,10 +72,7 @@ def assert_same(got, want):
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_fused_gpt2_equals_stock_peft(path, dropout):
     fused = lora_model(tiny_gpt2(), TARGETS, seed=1, lora_dropout=dropout, fan_in_fan_out=True).train()
-    stock = copy.deepcopy(fused)
-    for module in stock.modules():
-        if isinstance(module, lora.Linear) and dropout:
-            module.lora_dropout["default"] = HashDropout(dropout)
+    stock = use_hash_dropout(copy.deepcopy(fused), dropout) if dropout else copy.deepcopy(fused)
     fuse(fused)
     layers = [m for m in fused.modules() if isinstance(m, FusedLoraLinear)]
     assert len(layers) == 8 and all(type(m.base_layer) is Conv1D and m.fan_in_fan_out for m in layers)

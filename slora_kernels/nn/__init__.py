@@ -1,5 +1,5 @@
-"""Fused variable-rank LoRA modules (PEFT's LoRA Linear, computed a shared-input group at a time)."""
-from slora_kernels.nn.fused import FusedLoraLinear, LoraGroup
+"""Fused variable-rank LoRA modules (PEFT's LoRA layers, computed a shared-input group at a time)."""
+from slora_kernels.nn.fused import FusedLoraLayer, FusedLoraLinear, LoraGroup
 from slora_kernels.nn.stats import FusionStats
 
-__all__ = ["FusedLoraLinear", "FusionStats", "LoraGroup"]
+__all__ = ["FusedLoraLayer", "FusedLoraLinear", "FusionStats", "LoraGroup"]

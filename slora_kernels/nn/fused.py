@@ -1,12 +1,15 @@
-"""PEFT's LoRA Linear, computed one shared-input group at a time.
+"""PEFT's LoRA layers, computed one shared-input group at a time.
 
-`FusedLoraLinear` is a `peft.tuners.lora.Linear` (same parameters, ModuleDicts, adapters, merge /
-unmerge / disable_adapter / set_adapter, same state_dict keys) whose forward asks its `LoraGroup`
-for its output. The group holds the layers that read the same input tensor (q/k/v, gate/up): the
-first of them to be called runs one `grouped_lora` for all, the others pick up their output when
-they are called with that same, unmodified tensor. The fused path covers PEFT's dtypes (a bf16 /
-fp16 base with float32 factors, one dtype throughout), torch.autocast, no_grad and inference_mode;
-whatever it does not cover runs PEFT's own forward, counted by reason (`slora_kernels.nn.stats`).
+A fused layer is the PEFT layer itself (same parameters, ModuleDicts, adapters, merge / unmerge /
+disable_adapter / set_adapter, same state_dict keys) with its class changed to a fused subclass
+(`fused_class`: PEFT's LoRA Linear, and its bitsandbytes 4-bit and 8-bit classes) whose forward asks its
+`LoraGroup` for its output. The group holds the layers that read the same input tensor (q/k/v, gate/up): the
+first of them to be called runs one grouped op for all, the others pick up their output when they are
+called with that same, unmodified tensor. Over nn.Linear or Conv1D the op computes the whole output; over a
+quantized base each layer's base output comes from the base layer itself and the op adds the LoRA terms
+(see `slora_kernels.nn.plan.Batch`). The fused path covers PEFT's dtypes (a bf16 / fp16 base with float32
+factors, one dtype throughout), torch.autocast, no_grad and inference_mode; whatever it does not cover runs
+PEFT's own forward, counted by reason (`slora_kernels.nn.stats`).
 
 Inference tensors have no version counter, so nothing could prove that a cached output still
 belongs to the tensor a later layer is called with: there each layer runs its own fused call.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import torch
 from peft.tuners import lora
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from slora_kernels.nn.plan import GroupPlan, fsdp_managed, has_hooks, versions
 from slora_kernels.nn.stats import FusionRecorder
@@ -46,7 +50,7 @@ class LoraGroup:
     are still those the output was computed from, and otherwise computes afresh.
     """
 
-    def __init__(self, members: list[FusedLoraLinear], recorder: FusionRecorder):
+    def __init__(self, members: list[FusedLoraLayer], recorder: FusionRecorder):
         self.members = members
         self.recorder = recorder
         self.invalidate()
@@ -58,7 +62,7 @@ class LoraGroup:
         self._pending_input: torch.Tensor | None = None
         self._pending_key: tuple | None = None
 
-    def output(self, layer: FusedLoraLinear, x: torch.Tensor) -> torch.Tensor | None:
+    def output(self, layer: FusedLoraLayer, x: torch.Tensor) -> torch.Tensor | None:
         """Layer's output for x, or None when the fused path does not apply (the caller runs PEFT's)."""
         if torch.compiler.is_compiling():
             return None  # PEFT's forward, traced whole (see the module docstring)
@@ -88,7 +92,7 @@ class LoraGroup:
                              for m, y in zip(batch.members, outputs) if m is not layer}
         return outputs[batch.position[id(layer)]]
 
-    def _pending_output(self, layer: FusedLoraLinear, x: torch.Tensor, cast_to) -> torch.Tensor | None:
+    def _pending_output(self, layer: FusedLoraLayer, x: torch.Tensor, cast_to) -> torch.Tensor | None:
         """Layer's output computed with its group-mates' for this very x, if nothing it depends on changed."""
         entry = None
         if self._pending_key == (x._version, torch.is_grad_enabled(), cast_to):
@@ -103,10 +107,21 @@ class LoraGroup:
         return y
 
 
-class FusedLoraLinear(lora.Linear):
-    """A PEFT LoRA Linear whose forward runs in its shared-input group (see the module docstring)."""
+class FusedLoraLayer:
+    """A PEFT LoRA layer whose forward runs in its shared-input group (see the module docstring): mixed into
+    the PEFT class it was made from (`fused_class`), whose forward it falls back to."""
 
     _slora_group: LoraGroup
+    _slora_stock: type  # the PEFT class this fused class was made from
+
+    def base_mode(self) -> str:
+        """How the group computes this layer's base output: "gemm" (the fused op multiplies by the weight
+        itself: nn.Linear, Conv1D), else the base layer is called and its output combined with the LoRA term
+        as the PEFT class combines them: "linear" (PEFT's LoRA Linear over another Linear) or "bnb" (PEFT's
+        bitsandbytes classes)."""
+        if self._slora_stock is not lora.Linear:
+            return "bnb"
+        return "gemm" if type(self.base_layer) in (nn.Linear, Conv1D) else "linear"
 
     def fallback_reason(self, x: torch.Tensor) -> str | None:
         """Why PEFT's forward must run for x (a reason named in `slora_kernels.nn.stats`), or None."""
@@ -124,7 +139,9 @@ class FusedLoraLinear(lora.Linear):
         lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
         if not torch.is_autocast_enabled(x.device.type):
             factor_dtype = lora_a.weight.dtype
-            if (x.dtype != self.base_layer.weight.dtype or lora_b.weight.dtype != factor_dtype
+            # The fused GEMM multiplies x by the base weight itself; a quantized base casts x its own way.
+            base_dtype = self.base_mode() == "gemm" and x.dtype != self.base_layer.weight.dtype
+            if (base_dtype or lora_b.weight.dtype != factor_dtype
                     or (x.dtype != factor_dtype and not getattr(self, "cast_input_dtype_enabled", True))):
                 return "dtype"
         if type(self.lora_dropout[adapter]) not in (nn.Dropout, nn.Identity):
@@ -135,11 +152,11 @@ class FusedLoraLinear(lora.Linear):
         return None
 
     def fused_key(self, x: torch.Tensor) -> tuple:
-        """What must agree for layers to share one fused call: adapter, dropout p, factor dtype, autocast."""
+        """What must agree for layers to share one fused call: adapter, dropout p, factor dtype, autocast, base mode."""
         adapter = self.active_adapters[0]
         dropout = self.lora_dropout[adapter]
         dropout_p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-        return adapter, dropout_p, self.lora_A[adapter].weight.dtype, autocast_dtype(x)
+        return adapter, dropout_p, self.lora_A[adapter].weight.dtype, autocast_dtype(x), self.base_mode()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args or kwargs:
@@ -157,3 +174,21 @@ class FusedLoraLinear(lora.Linear):
     def unmerge(self) -> None:
         self._slora_group.invalidate()
         super().unmerge()
+
+
+class FusedLoraLinear(FusedLoraLayer, lora.Linear):
+    """PEFT's LoRA Linear, fused."""
+
+    _slora_stock = lora.Linear
+
+
+_FUSED_CLASSES: dict[type, type] = {lora.Linear: FusedLoraLinear}
+
+
+def fused_class(stock: type) -> type:
+    """The fused subclass of a PEFT LoRA layer class (made once per class; its instances keep every method and
+    attribute of the PEFT class, so state_dict keys, merge and save stay PEFT's)."""
+    if stock not in _FUSED_CLASSES:
+        _FUSED_CLASSES[stock] = type(f"Fused{stock.__name__}", (FusedLoraLayer, stock),
+                                     {"_slora_stock": stock, "__module__": __name__})
+    return _FUSED_CLASSES[stock]

@@ -1,87 +1,105 @@
-"""fuse / unfuse: swap a PeftModel's LoRA Linear layers for fused, shared-input grouped ones and back.
+"""fuse / unfuse: swap a PeftModel's LoRA layers for fused, shared-input grouped ones and back.
 
-Fusing changes each supported `peft.tuners.lora.Linear` into a `FusedLoraLinear` in place (the
-class changes, the parameters and adapter state are the same objects), so state_dict keys,
-`save_pretrained`, optimizers already holding the parameters and PEFT's adapter API keep working.
-Groups are found from the model itself: one probe forward (eval mode, no grad) records the input
-tensor of every LoRA layer, and layers whose input is the very same tensor form a group (q/k/v,
-gate/up in BERT/RoBERTa, Llama and most transformers).
+Fusing changes the class of each supported PEFT LoRA layer to its fused subclass in place (the parameters and
+adapter state are the same objects), so state_dict keys, `save_pretrained`, optimizers already holding the
+parameters and PEFT's adapter API keep working. Supported: PEFT's LoRA Linear (over nn.Linear, GPT-2's Conv1D
+or another Linear) and its bitsandbytes 4-bit and 8-bit layers (QLoRA). Groups are found from the model itself:
+one probe forward (eval mode, no grad) records the input tensor of every LoRA layer, and layers whose input is
+the very same tensor form a group (q/k/v, gate/up in BERT/RoBERTa, Llama and most transformers).
 """
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from peft.tuners import lora
+from peft.tuners.lora import LoraLayer
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from slora_kernels.nn.fused import FusedLoraLinear, LoraGroup
+from slora_kernels.nn.fused import FusedLoraLayer, LoraGroup, fused_class
 from slora_kernels.nn.plan import has_hooks
 from slora_kernels.nn.stats import FusionRecorder, FusionStats
 
+SHOWN = 8  # layers a warning names before it only counts
+
+
+def fusable_classes() -> tuple[type, ...]:
+    """The PEFT LoRA layer classes `fuse` converts: LoRA Linear, and the bitsandbytes ones where PEFT has them."""
+    from peft.tuners.lora import bnb  # defines its classes only when bitsandbytes is installed
+
+    return (lora.Linear, *(getattr(bnb, name) for name in ("Linear4bit", "Linear8bitLt") if hasattr(bnb, name)))
+
 
 def fuse(peft_model: nn.Module, example_inputs: Mapping[str, Any] | None = None) -> nn.Module:
-    """Fuse the LoRA Linear layers of `peft_model` in place and return it.
+    """Fuse the LoRA layers of `peft_model` in place and return it.
 
     example_inputs: keyword inputs for the probe forward that finds shared-input groups; default
-    the base model's `dummy_inputs` (every transformers model has them). Layers PEFT builds with
-    options the fused path does not implement (DoRA and other LoRA variants, lora_bias, a base
-    layer that is not a plain nn.Linear or transformers Conv1D, e.g. quantised) and layers whose
-    base_layer / lora_A / lora_B carry forward hooks (e.g. accelerate's device_map offload, which
-    the fused op would bypass) stay stock PEFT layers, with a warning naming them.
-    `fusion_stats(model)` then counts the forward calls that took the fused path. Under FSDP2, fuse
-    before or after `fully_shard`, on every rank (there the probe forward is collective); after
-    `get_peft_model` in any case, which must itself come before sharding.
+    the base model's `dummy_inputs` (every transformers model has them). Layers of other PEFT classes
+    (Embedding, Conv, other quantizers), layers with options the fused path does not implement (DoRA and
+    other LoRA variants, lora_bias) and layers whose base_layer / lora_A / lora_B carry forward hooks
+    (e.g. accelerate's device_map offload, which the fused op would bypass) stay stock PEFT layers, named
+    with their reasons in one warning; `fusion_stats(model)` counts them too, and the forward calls that took
+    the fused path. Under FSDP2, fuse before or after `fully_shard`, on every rank (there the probe forward is
+    collective); after `get_peft_model` in any case, which must itself come before sharding.
     """
     unfuse(peft_model)
     layers, skipped = {}, []
     for name, module in peft_model.named_modules():
-        if isinstance(module, lora.Linear):
+        if isinstance(module, LoraLayer):
             reason = _unsupported(module)
             if reason is None:
                 layers[name] = module
             else:
-                skipped.append(f"{name} ({reason})")
+                skipped.append((name, reason))
+    peft_model._slora_left_to_peft = dict(Counter(reason for _, reason in skipped))
     if skipped:
-        warnings.warn(f"slora_kernels.fuse left {len(skipped)} layer(s) as stock PEFT layers: " + "; ".join(skipped),
+        shown = "; ".join(f"{name} ({reason})" for name, reason in skipped[:SHOWN])
+        more = f"; and {len(skipped) - SHOWN} more" if len(skipped) > SHOWN else ""
+        warnings.warn(f"slora_kernels.fuse left {len(skipped)} LoRA layer(s) as stock PEFT layers: {shown}{more}",
                       stacklevel=2)
     recorder = FusionRecorder({id(module): name for name, module in layers.items()})
     for names in _shared_input_groups(peft_model, layers, example_inputs):
         members = [layers[n] for n in names]
         group = LoraGroup(members, recorder)
         for module in members:
-            module.__class__ = FusedLoraLinear
+            module.__class__ = fused_class(type(module))
             module._slora_group = group
     return peft_model
 
 
 def unfuse(peft_model: nn.Module) -> nn.Module:
-    """Put stock `peft.tuners.lora.Linear` layers back (in place, same parameters); returns the model."""
+    """Put the stock PEFT layers back (in place, same parameters); returns the model."""
     for module in peft_model.modules():
-        if isinstance(module, FusedLoraLinear):
-            module.__class__ = lora.Linear
+        if isinstance(module, FusedLoraLayer):
+            module.__class__ = module._slora_stock
             del module._slora_group
+    peft_model.__dict__.pop("_slora_left_to_peft", None)
     return peft_model
 
 
 def fusion_stats(peft_model: nn.Module, reset: bool = False) -> FusionStats:
-    """Forward calls of the model's fused LoRA layers since `fuse()` (or the last `reset=True`):
-    how many took the fused path and, by reason, how many ran PEFT's own forward."""
+    """Forward calls of the model's fused LoRA layers since `fuse()` (or the last `reset=True`): how many
+    took the fused path and, by reason, how many ran PEFT's own forward; and the layers `fuse()` left to
+    PEFT, by reason (all of them, when none could be fused)."""
+    # The model fuse() was called on may sit inside a wrapper now (DDP, accelerate): look among the modules.
+    fused = [m for m in peft_model.modules() if "_slora_left_to_peft" in m.__dict__]
+    if not fused:
+        raise ValueError("fusion_stats: the model is not fused; call slora_kernels.fuse(model) first")
+    left = dict(fused[0]._slora_left_to_peft)
     for module in peft_model.modules():
-        if isinstance(module, FusedLoraLinear):
-            return module._slora_group.recorder.snapshot(reset)
-    raise ValueError("fusion_stats: the model has no fused LoRA layers; call slora_kernels.fuse(model) first "
-                     "(it warns about every layer it leaves to PEFT)")
+        if isinstance(module, FusedLoraLayer):
+            return module._slora_group.recorder.snapshot(reset, left)
+    return FusionStats(left_to_peft=left)
 
 
-def _unsupported(module: lora.Linear) -> str | None:
-    if type(module) is not lora.Linear:
-        return f"{type(module).__name__} is a PEFT LoRA layer for a quantised or special base"
-    if type(module.base_layer) not in (nn.Linear, Conv1D):  # Conv1D: GPT-2's, PEFT's fan_in_fan_out=True
-        return f"base layer is {type(module.base_layer).__name__}, not torch.nn.Linear or transformers' Conv1D"
+def _unsupported(module: LoraLayer) -> str | None:
+    stock = type(module)
+    if stock not in fusable_classes():
+        names = ", ".join(cls.__name__ for cls in fusable_classes())
+        return f"{stock.__module__}.{stock.__name__} has no fused path (fused: {names})"
     if module.lora_variant:
         variants = sorted({type(v).__name__ for v in module.lora_variant.values()})
         return f"LoRA variant {', '.join(variants)} (e.g. DoRA) is not fused"
@@ -93,12 +111,12 @@ def _unsupported(module: lora.Linear) -> str | None:
     return None
 
 
-def _factor_modules(module: lora.Linear) -> list[tuple[str, nn.Module]]:
+def _factor_modules(module: LoraLayer) -> list[tuple[str, nn.Module]]:
     return [(f"{kind}[{adapter!r}]", sub) for kind in ("lora_A", "lora_B")
             for adapter, sub in getattr(module, kind).items()]
 
 
-def _shared_input_groups(model: nn.Module, layers: dict[str, lora.Linear],
+def _shared_input_groups(model: nn.Module, layers: dict[str, LoraLayer],
                          example_inputs: Mapping[str, Any] | None) -> list[list[str]]:
     """Names of layers grouped by the identity of the tensor they read in one probe forward."""
     if example_inputs is None:
@@ -116,6 +134,10 @@ def _shared_input_groups(model: nn.Module, layers: dict[str, lora.Linear],
     modes = {module: module.training for module in model.modules()}
     try:
         model.eval()
+        # The base layers keep their mode: bitsandbytes repacks a 4-bit weight for its CPU kernel, for good, on
+        # its first eval-mode call without grad; the probe must leave the model as it found it.
+        for layer in layers.values():
+            layer.base_layer.training = modes[layer.base_layer]
         with torch.no_grad():
             model(**inputs)
     except Exception as error:
@@ -149,5 +171,5 @@ def _reshard(model: nn.Module) -> None:
             module.reshard()
 
 
-def _dropouts(module: lora.Linear) -> tuple:
+def _dropouts(module: LoraLayer) -> tuple:
     return tuple(sorted((a, getattr(d, "p", 0.0)) for a, d in module.lora_dropout.items()))

@@ -34,25 +34,32 @@ def versions(tensors) -> tuple:
 
 
 class Batch:
-    """Members of a group computed by one call: their layout and tensors (the same fused key)."""
+    """Members of a group computed by one call: their layout and tensors (the same fused key).
+
+    Base mode "gemm" (nn.Linear, Conv1D): the fused op computes the whole output from the base weights. The
+    other modes call each member's base layer (a quantized one computes with its own kernels), run the fused op
+    for the LoRA terms alone, and add each to its base output as the member's PEFT class does.
+    """
 
     def __init__(self, members: list, fused_key: tuple, x: torch.Tensor):
-        adapter, dropout_p, _, cast_to = fused_key
+        adapter, dropout_p, _, cast_to, self.mode = fused_key
         self.members, self.fused_key = members, fused_key
         self.position = {id(m): i for i, m in enumerate(members)}
-        bases = [m.base_layer for m in members]
-        self.weights = [b.weight for b in bases]
-        self.biases = [b.bias for b in bases]
+        self.bases = [m.base_layer for m in members]
+        self.weights = [b.weight for b in self.bases]
+        self.biases = [getattr(b, "bias", None) for b in self.bases]
         self.lora_a = [m.lora_A[adapter].weight for m in members]
         self.lora_b = [m.lora_B[adapter].weight for m in members]
         self.layout = GroupLayout.of(self.lora_b, [m.scaling[adapter] for m in members], dropout_p, cast_to)
-        self.bases = bases
-        self.conv1d = any(is_conv1d(b) for b in bases)
-        self.operands = Operands(self._weights(), self.biases, self.lora_a, self.lora_b)
+        gemm = self.mode == "gemm"
+        self.conv1d = gemm and any(is_conv1d(b) for b in self.bases)
+        self.operands = (Operands(self._weights(), self.biases, self.lora_a, self.lora_b) if gemm
+                         else Operands([], [], self.lora_a, self.lora_b))
         # CUDA's one base GEMM reads W_cat [sum d_out, d_in]: a copy of the frozen weights, cached while they
         # are unchanged. Never for weights FSDP manages (it frees their unsharded copies after each forward;
         # a cached W_cat would keep a full copy alive) or that train (checked per call).
-        self.caches_stack = (stacks_outputs(x) and len(members) > 1 and not any(fsdp_managed(b) for b in bases))
+        self.caches_stack = (gemm and stacks_outputs(x) and len(members) > 1
+                             and not any(fsdp_managed(b) for b in self.bases))
         self.call = prepare(self.layout, self.operands, x)
         self._stack_key: tuple | None = None
         self._stacked: Operands | None = None
@@ -66,6 +73,8 @@ class Batch:
         return [linear_weight(b) for b in self.bases]
 
     def run(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.mode != "gemm":
+            return self._run_with_base_layers(x)
         if self.caches_stack and not any(w.requires_grad for w in self.weights):
             operands = self._stacked_operands()
         elif self.conv1d:  # a view made now follows the parameter even if its storage was swapped
@@ -73,6 +82,18 @@ class Batch:
         else:
             return self.call(x)
         return run_group(self.layout, x, operands)
+
+    def _run_with_base_layers(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each base layer's own output plus its LoRA term, summed and cast as the PEFT class does: LoRA Linear
+        adds in the wider dtype and rounds once into the base output's; the bitsandbytes classes round the term
+        into the base output's dtype first, unless `torch.is_autocast_enabled()` (CUDA autocast)."""
+        results = [base(x) for base in self.bases]
+        terms = self.call(x)
+        if self.mode == "linear":
+            return [(r + t).to(r.dtype) for r, t in zip(results, terms)]
+        if torch.is_autocast_enabled():
+            return [r + t for r, t in zip(results, terms)]
+        return [r + t.to(r.dtype) for r, t in zip(results, terms)]
 
     def _stacked_operands(self) -> Operands:
         """CUDA's operands with the frozen weights and biases stacked, rebuilt when any of them changed."""

@@ -27,10 +27,12 @@ from dataclasses import dataclass, field
 
 @dataclass
 class FusionStats:
-    """Forward calls of a model's fused LoRA layers since `fuse()` or the last reset."""
+    """Forward calls of a model's fused LoRA layers since `fuse()` or the last reset, and the LoRA layers
+    `fuse()` left to PEFT by reason (their calls are PEFT's and not counted in `calls`)."""
 
     fused: int = 0
     fallback: dict[str, int] = field(default_factory=dict)
+    left_to_peft: dict[str, int] = field(default_factory=dict)
 
     @property
     def calls(self) -> int:
@@ -38,13 +40,17 @@ class FusionStats:
 
     @property
     def fused_fraction(self) -> float:
-        """Share of calls that took the fused path (1.0 when there were none yet)."""
+        """Share of the fused layers' calls that took the fused path (1.0 when there were none yet)."""
         return self.fused / self.calls if self.calls else 1.0
 
     def __str__(self) -> str:
         reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.fallback.items())) or "none"
-        return (f"{self.fused} of {self.calls} LoRA layer calls fused ({100 * self.fused_fraction:.1f}%); "
+        text = (f"{self.fused} of {self.calls} LoRA layer calls fused ({100 * self.fused_fraction:.1f}%); "
                 f"fallbacks: {reasons}")
+        if self.left_to_peft:
+            left = "; ".join(f"{count} x {reason}" for reason, count in sorted(self.left_to_peft.items()))
+            text += f"; LoRA layers left to PEFT by fuse(): {sum(self.left_to_peft.values())} ({left})"
+        return text
 
 
 class FusionRecorder:
@@ -71,8 +77,8 @@ class FusionRecorder:
                               f"fused one ({reason}); slora_kernels.fusion_stats(model) counts every fallback",
                               stacklevel=4)
 
-    def snapshot(self, reset: bool = False) -> FusionStats:
-        stats = FusionStats(self.stats.fused, dict(self.stats.fallback))
+    def snapshot(self, reset: bool = False, left_to_peft: dict[str, int] | None = None) -> FusionStats:
+        stats = FusionStats(self.stats.fused, dict(self.stats.fallback), dict(left_to_peft or {}))
         if reset:
             self.stats = FusionStats()
         return stats

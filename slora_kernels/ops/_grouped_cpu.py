@@ -104,7 +104,7 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 def _per_layer(tensors: list, layout, dim: int = 0) -> list:
     """Weights or biases one per layer, given so or as the group's one stacked tensor (split into views)."""
-    if len(tensors) == len(layout.ranks):
+    if len(tensors) == len(layout.ranks) or not tensors:
         return tensors
     if tensors[0] is None:
         return [None] * len(layout.ranks)
@@ -120,6 +120,10 @@ def forward(layout, x, operands, seed):
     a_cat = _pack_a(operands.lora_a)
     s = F.linear(dropout(xf, layout.dropout_p, seed), a_cat)
     s_parts = (s,) if len(layout.ranks) == 1 else s.split_with_sizes(layout.ranks, 1)
+    if not operands.weights:  # the LoRA terms alone, in the factors' dtype (F.linear on the leading dims: not views)
+        lead = x.shape[:-1]
+        return [F.linear(s_i.view(*lead, s_i.shape[1]), b_i).mul_(scale)
+                for s_i, b_i, scale in zip(s_parts, operands.lora_b, layout.scales)], (s,)
     ys = []
     layers = zip(_per_layer(operands.weights, layout), _per_layer(operands.biases, layout), s_parts, operands.lora_b,
                  layout.scales)

@@ -63,6 +63,8 @@ def forward(layout, x, operands, seed):
     xf = x if x.dtype == factor_dtype else x.to(factor_dtype)
     a_cat, b_flat = pack_factors(operands.lora_a, operands.lora_b)
     s = torch.mm(dropout(xf, layout.dropout_p, seed), a_cat.t())
+    if not operands.weights:  # the LoRA terms alone, in the factors' dtype
+        return [lora_expand(s, b_flat, None, layout.segments(x.device), factor_dtype)], (s, a_cat, b_flat)
     lora_term = lora_expand(s, b_flat, stacked(operands.biases, layout), layout.segments(x.device), x.dtype)
     return [torch.addmm(lora_term, x, stacked(operands.weights, layout).t())], (s, a_cat, b_flat)
 
@@ -93,7 +95,7 @@ def backward(layout, grads, x, weights, has_bias, lora_a, lora_b, saved, seed, n
     grad_x = None
     if need_x:  # one cuBLAS GEMM with the LoRA part as its addend: dx is written once
         lora_part = dropout(torch.mm(ds, a_cat), layout.dropout_p, seed).to(x.dtype)
-        grad_x = torch.addmm(lora_part, grad_y, stacked(weights, layout)).view(shape)
+        grad_x = (torch.addmm(lora_part, grad_y, stacked(weights, layout)) if weights else lora_part).view(shape)
     grad_w = _like(torch.mm(grad_y.t(), x), [True] * len(weights), layout) if need_weight else None
     grad_bias = _like(grad_y.sum(0), has_bias, layout) if need_bias else None
     return grad_x, grad_w, grad_bias, grad_a, grad_b

@@ -1,0 +1,221 @@
+"""QLoRA: the fused path over bitsandbytes 4-bit (nf4) and 8-bit bases, against stock PEFT on the same model.
+
+Each base layer computes its own output with bitsandbytes' kernels, in both models; the fused group computes
+the LoRA branch of its layers together and combines it as PEFT's bitsandbytes classes do. With float32 compute
+the two models differ by float32 summation order only (<= 1e-5, as the fp32 fuse tests); with bf16 compute (the
+usual QLoRA set-up) by rounding, bounded as a bf16 rounding of the outputs. Dropout draws the fused op's masks in
+the stock model too (one seed per shared input, `lora_helpers.use_hash_dropout`), so it is compared as well.
+Skipped where bitsandbytes is not installed (it is an optional test dependency; CI installs its CPU build).
+"""
+import copy
+import warnings
+
+import pytest
+import torch
+from lora_helpers import SMOLLM2_TARGETS, rel_err, use_hash_dropout
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from slora_kernels import fuse, fusion_stats, unfuse
+from slora_kernels.nn import FusedLoraLayer
+
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes (optional test dependency) is not installed")
+
+from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=256)
+BITS = ("4bit", "8bit")
+BF16_BOUND = 2 ** -7  # one bf16 rounding, relative
+
+
+def quantization(bits: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+    if bits == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+                                  bnb_4bit_use_double_quant=compute_dtype == torch.bfloat16)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random Llama saved to disk, to load quantized (bitsandbytes quantizes while loading)."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(LlamaConfig(**TINY)).save_pretrained(folder)
+    return folder
+
+
+def quantized(folder, bits: str, dtype: torch.dtype):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return LlamaForCausalLM.from_pretrained(folder, quantization_config=quantization(bits, dtype), dtype=dtype,
+                                                device_map="cpu")
+
+
+def qlora(folder, bits: str, dtype: torch.dtype, dropout: float = 0.0, targets=SMOLLM2_TARGETS):
+    """A PEFT model over a quantized base, random B (ranks differ per matrix: 4 or 8)."""
+    base = quantized(folder, bits, dtype)
+    ranks = {name: 4 + 4 * (i % 2) for i, (name, m) in enumerate(base.named_modules()) if name.endswith(tuple(targets))}
+    torch.manual_seed(1)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=targets, rank_pattern=ranks,
+                                            lora_dropout=dropout))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    return model
+
+
+def batch(vocab=256):
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, vocab, (2, 12), generator=gen)
+    return {"input_ids": ids, "labels": ids}
+
+
+def step(model, inputs, seed=0):
+    """Loss, logits and every LoRA gradient of one training forward/backward, torch's RNG seeded."""
+    torch.manual_seed(seed)
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)
+    out.loss.backward()
+    return out.loss.detach(), out.logits.detach().float(), {
+        n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def assert_close_runs(got, want, bound):
+    (loss, logits, grads), (ref_loss, ref_logits, ref_grads) = got, want
+    assert abs(loss.item() - ref_loss.item()) <= bound * abs(ref_loss.item())
+    assert rel_err(logits, ref_logits) <= bound
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 7 * TINY["num_hidden_layers"]
+    assert rel_err(torch.cat([g.flatten() for g in grads.values()]),
+                   torch.cat([ref_grads[n].flatten() for n in grads])) <= bound
+    for name, grad in ref_grads.items():
+        assert rel_err(grads[name], grad) <= 4 * bound, name
+
+
+def fused_and_stock(folder, bits, dtype, dropout):
+    """Two loads of the same quantized model and adapter (a deepcopy of a bitsandbytes model is not faithful)."""
+    fused, stock = (qlora(folder, bits, dtype, dropout).train() for _ in range(2))
+    if dropout:
+        use_hash_dropout(stock, dropout)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every LoRA layer fuses: no warning
+        fuse(fused)
+    return fused, stock
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("bits", BITS)
+def test_float32_compute_equals_stock_peft(tiny_checkpoint, bits, dropout):
+    fused, stock = fused_and_stock(tiny_checkpoint, bits, torch.float32, dropout)
+    layers = [m for m in fused.modules() if isinstance(m, FusedLoraLayer)]
+    assert len(layers) == 7 * TINY["num_hidden_layers"]
+    assert {type(m.base_layer).__name__ for m in layers} == {"Linear4bit" if bits == "4bit" else "Linear8bitLt"}
+    inputs = batch()
+    for seed in range(2):
+        assert_close_runs(step(fused, inputs, seed), step(stock, inputs, seed), 1e-5)
+    stats = fusion_stats(fused)
+    assert (stats.fused, stats.fallback, stats.left_to_peft) == (2 * len(layers), {}, {}), str(stats)
+    if dropout:  # the masks are live: another seed, other outputs
+        assert rel_err(step(fused, inputs, 0)[1], step(fused, inputs, 1)[1]) > 1e-4
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("bits", BITS)
+def test_bf16_compute_within_a_rounding_of_stock_peft(tiny_checkpoint, bits, dropout):
+    """The usual QLoRA set-up: bf16 compute and non-quantized layers, PEFT's float32 factors."""
+    fused, stock = fused_and_stock(tiny_checkpoint, bits, torch.bfloat16, dropout)
+    assert {p.dtype for n, p in fused.named_parameters() if "lora_" in n} == {torch.float32}
+    inputs = batch()
+    got, want = step(fused, inputs), step(stock, inputs)
+    assert got[1].dtype == want[1].dtype
+    assert_close_runs(got, want, BF16_BOUND)
+    assert fusion_stats(fused).fused_fraction == 1.0
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_eval_no_grad_inference_mode_and_checkpointing(tiny_checkpoint, bits):
+    fused, stock = fused_and_stock(tiny_checkpoint, bits, torch.float32, 0.1)
+    inputs = batch()
+    for mode in ("no_grad", "inference_mode"):
+        with getattr(torch, mode)():
+            got, want = fused.eval()(**inputs).logits, stock.eval()(**inputs).logits
+        assert rel_err(got, want) <= 1e-5, mode
+    for model in (fused, stock):
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    fusion_stats(fused, reset=True)
+    assert_close_runs(step(fused, inputs), step(stock, inputs), 1e-5)
+    stats = fusion_stats(fused)
+    assert stats.fused == 2 * 14 and stats.fallback == {}, str(stats)  # forward, and again in the backward
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_saved_adapter_loads_in_stock_peft_on_a_fresh_quantized_base(tiny_checkpoint, bits, tmp_path):
+    fused, _ = fused_and_stock(tiny_checkpoint, bits, torch.float32, 0.0)
+    inputs = batch()
+    with torch.no_grad():
+        want = fused.eval()(**inputs).logits
+    fused.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(quantized(tiny_checkpoint, bits, torch.float32), tmp_path).eval()
+    assert not any(isinstance(m, FusedLoraLayer) for m in loaded.modules())
+    with torch.no_grad():
+        assert rel_err(loaded(**inputs).logits, want) <= 1e-5
+
+
+def test_fuse_names_the_layers_it_leaves_to_peft(tiny_checkpoint):
+    """LoRA on the embeddings (no fused path) beside quantized projections: fuse() warns, naming the layer and
+    its reason, fusion_stats counts it; unfuse() puts the fused layers back."""
+    base = quantized(tiny_checkpoint, "4bit", torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["embed_tokens", "q_proj", "v_proj"]))
+    with pytest.warns(UserWarning, match=r"left 1 LoRA layer\(s\).*embed_tokens \(peft\.tuners\.lora\.layer\.Embedding "
+                                         r"has no fused path"):
+        fuse(model)
+    model(**batch())
+    stats = fusion_stats(model)
+    assert stats.left_to_peft and sum(stats.left_to_peft.values()) == 1
+    assert "LoRA layers left to PEFT by fuse(): 1" in str(stats) and stats.fused == 4
+    assert sum(isinstance(m, FusedLoraLayer) for m in model.modules()) == 4
+    unfuse(model)
+    assert not any(isinstance(m, FusedLoraLayer) for m in model.modules())
+
+
+def test_fusion_stats_says_why_when_nothing_is_fused(tiny_checkpoint):
+    model = get_peft_model(quantized(tiny_checkpoint, "4bit", torch.float32),
+                           LoraConfig(r=4, target_modules=["embed_tokens"]))
+    with pytest.warns(UserWarning, match="no fused path"):
+        fuse(model)
+    stats = fusion_stats(model)
+    assert stats.fused == 0 and list(stats.left_to_peft.values()) == [1]
+    assert "Embedding has no fused path" in str(stats)
+
+
+@pytest.fixture(scope="module")
+def smollm2_checkpoint(tmp_path_factory):
+    """SmolLM2 saved as a plain float32 checkpoint (the embedded copy is GGUF, which bitsandbytes cannot load)."""
+    from slora_kernels.app.defaults import load_smollm2
+
+    gguf = load_smollm2()[0]
+    config = copy.deepcopy(gguf.config)
+    config.__dict__.pop("quantization_config", None)
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(gguf.state_dict())
+    folder = tmp_path_factory.mktemp("smollm2")
+    plain.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("bits", BITS)
+def test_smollm2_quantized_fused_equals_stock_peft(smollm2_checkpoint, bits, dropout):
+    fused, stock = fused_and_stock(smollm2_checkpoint, bits, torch.float32, dropout)
+    assert sum(isinstance(m, FusedLoraLayer) for m in fused.modules()) == 7 * 30
+    inputs = batch(vocab=49152)
+    (loss, logits, grads), (ref_loss, ref_logits, ref_grads) = step(fused, inputs), step(stock, inputs)
+    # 30 layers of float32: summation order moves a small matrix's gradient by ~1e-5 (as in test_fuse.py).
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item()) and rel_err(logits, ref_logits) <= 1e-5
+    assert rel_err(torch.cat([g.flatten() for g in grads.values()]),
+                   torch.cat([ref_grads[n].flatten() for n in grads])) <= 1e-5
+    assert max(rel_err(grads[n], ref_grads[n]) for n in ref_grads) <= 5e-5
+    assert fusion_stats(fused).fused_fraction == 1.0
