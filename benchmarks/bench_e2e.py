@@ -13,7 +13,8 @@ step, unique storages, the model's parameters excluded: the activations each way
 peak allocated memory of a step. Axes: precision (fp32; bf16 = a bf16 base with PEFT's fp32 adapters;
 autocast-bf16 = an fp32 model stepped under torch.autocast, what Trainer(bf16=True) runs), lora_dropout,
 ranks (uniform r, or a Sensitivity-LoRA pattern from the activation estimator at the same parameter count),
-gradient checkpointing and torch.compile.
+gradient checkpointing, torch.compile, and QLoRA (--quant 4bit / 8bit: bitsandbytes' nf4 or int8 base, loaded
+three times from a saved checkpoint; compute and the other layers in the precision's dtype).
 
 Models: `tiny` (a 16-layer Llama of width 64, random weights: a host-bound step, almost all Python and
 dispatch work - the regime of a GPU whose kernels finish before the host issues the next), `smollm2` (the
@@ -23,6 +24,7 @@ overrides or adds LlamaConfig fields (key=value).
 
     python benchmarks/bench_e2e.py --models tiny --threads 1                  # host-bound rows
     python benchmarks/bench_e2e.py --models smollm2 --precision fp32 bf16 autocast-bf16
+    python benchmarks/bench_e2e.py --models smollm2 --quant 4bit --precision bf16     # QLoRA
     python benchmarks/bench_e2e.py --device cuda --models llama3-8b-blocks llama3.2-1b --compile off on
     python benchmarks/bench_e2e.py --dry-run                                  # seconds; in the test suite
 
@@ -38,6 +40,7 @@ import itertools
 import json
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,6 +71,7 @@ class Row:
     precision: str
     lora_dropout: float
     ranks: str
+    quant: str
     checkpointing: bool
     compiled: bool
     batch: str
@@ -122,19 +126,40 @@ def lora_config(base, ranks: str, rank: int, lora_dropout: float, batches: list[
     return report.lora_config(rank, budget="params", lora_alpha=2 * rank, lora_dropout=lora_dropout)
 
 
-def three_models(base, precision: str, config, checkpointing: bool, example: dict):
-    """(floor, stock PEFT, fused), each its own copy of base; training mode."""
+def copies(base, name: str, precision: str, quant: str, device: str):
+    """A function making a fresh copy of the row's base model (three per row): a deepcopy, or for QLoRA a new
+    load of a saved checkpoint, quantized while loading (a deepcopy of a bitsandbytes model is not faithful)."""
+    if quant == "none":
+        base = base.to(torch.bfloat16) if precision == "bf16" else base
+        return lambda: copy.deepcopy(base)
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from slora_kernels.app.defaults import save_smollm2_checkpoint
+
+    folder = Path(tempfile.mkdtemp(prefix="bench_e2e_"))
+    if name == "smollm2":
+        save_smollm2_checkpoint(folder)
+    else:
+        base.save_pretrained(folder)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    config = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                                 bnb_4bit_use_double_quant=True) if quant == "4bit"
+              else BitsAndBytesConfig(load_in_8bit=True))
+    return lambda: AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=dtype,
+                                                        device_map=device)
+
+
+def three_models(make, config, checkpointing: bool, example: dict):
+    """(floor, stock PEFT, fused), each a fresh copy from make(); training mode."""
     from peft import get_peft_model
 
     from slora_kernels import fuse
 
-    if precision == "bf16":
-        base = base.to(torch.bfloat16)
-    floor = copy.deepcopy(base)
+    floor = make()
     floor.requires_grad_(False)
     floor.enable_input_require_grads()
-    stock = get_peft_model(copy.deepcopy(base), config)
-    fused = fuse(get_peft_model(copy.deepcopy(base), config), example_inputs=example)
+    stock = get_peft_model(make(), config)
+    fused = fuse(get_peft_model(make(), config), example_inputs=example)
     models = {"floor": floor, "stock": stock, "fused": fused}
     for model in models.values():
         model.train()
@@ -198,7 +223,7 @@ def timed(step, device: str) -> float:
     return time.perf_counter() - start
 
 
-def run_row(args, model_name: str, precision: str, dropout: float, ranks: str, checkpointing: bool,
+def run_row(args, model_name: str, precision: str, dropout: float, ranks: str, quant: str, checkpointing: bool,
             compiled: bool, batch_shape: str) -> Row:
     from slora_kernels import fusion_stats
 
@@ -212,12 +237,13 @@ def run_row(args, model_name: str, precision: str, dropout: float, ranks: str, c
     calibration = [{"input_ids": torch.randint(0, vocab, (batch_size, tokens), generator=gen).to(device)}
                    for _ in range(2)]
     config = lora_config(base, ranks, args.rank, dropout, calibration)
-    models = three_models(base, precision, config, checkpointing, {"input_ids": ids[:1, :8]})
+    models = three_models(copies(base, model_name, precision, quant, device), config, checkpointing,
+                          {"input_ids": ids[:1, :8]})
     del base
     if compiled:
         models = {name: torch.compile(model) for name, model in models.items()}
     steps = {name: make_step(model, batch, precision, device, args.optimizer) for name, model in models.items()}
-    row = Row(model_name, device, precision, dropout, ranks, checkpointing, compiled, batch_shape)
+    row = Row(model_name, device, precision, dropout, ranks, quant, checkpointing, compiled, batch_shape)
     for name, step in steps.items():
         row.saved_mb[name] = saved_bytes(models[name], step) / 2**20  # also a warm-up step
         peak = peak_bytes(step, device)
@@ -237,18 +263,19 @@ def run_row(args, model_name: str, precision: str, dropout: float, ranks: str, c
 
 
 def print_header() -> None:
-    print("| model | precision | dropout | ranks | ckpt | compile | batch | floor ms | stock ms | fused ms "
+    print("| model | precision | dropout | ranks | quant | ckpt | compile | batch | floor ms | stock ms | fused ms "
           "| fused/stock step | LoRA-added fused/stock | tokens/s stock / fused | saved MB floor / stock / fused "
           "| LoRA-added saved fused/stock | peak MB floor / stock / fused | fused calls |")
-    print("|" + "---|" * 17)
+    print("|" + "---|" * 18)
 
 
 def print_row(r: Row) -> None:
     saved = " / ".join(f"{r.saved_mb[v]:.2f}" for v in VARIANTS)
     peak = " / ".join(f"{r.peak_mb[v]:.0f}" for v in VARIANTS) if r.peak_mb else "-"
     saved_ratio = "-" if r.saved_ratio is None else f"{r.saved_ratio:.2f}"
-    print(f"| {r.model} | {r.precision} | {r.lora_dropout:g} | {r.ranks} | {'on' if r.checkpointing else 'off'} "
-          f"| {'on' if r.compiled else 'off'} | {r.batch} | {r.ms['floor']:.2f} | {r.ms['stock']:.2f} "
+    print(f"| {r.model} | {r.precision} | {r.lora_dropout:g} | {r.ranks} | {r.quant} "
+          f"| {'on' if r.checkpointing else 'off'} | {'on' if r.compiled else 'off'} | {r.batch} "
+          f"| {r.ms['floor']:.2f} | {r.ms['stock']:.2f} "
           f"| {r.ms['fused']:.2f} | {r.step_ratio:.3f} | **{r.added_ratio:.2f}** "
           f"| {r.tokens_per_s['stock']:.0f} / {r.tokens_per_s['fused']:.0f} | {saved} | {saved_ratio} | {peak} "
           f"| {r.fused_calls} |", flush=True)
@@ -264,6 +291,8 @@ def parse_args(argv=None):
     parser.add_argument("--lora-dropout", nargs="+", type=float, default=[0.0, 0.05])
     parser.add_argument("--ranks", nargs="+", choices=("uniform", "sensitivity"), default=["uniform"])
     parser.add_argument("--rank", type=int, default=8, help="uniform rank (the sensitivity pattern's budget)")
+    parser.add_argument("--quant", nargs="+", choices=("none", "4bit", "8bit"), default=["none"],
+                        help="QLoRA: a bitsandbytes base (needs bitsandbytes; fp32 or bf16 precision)")
     parser.add_argument("--checkpointing", nargs="+", choices=("off", "on"), default=["off"])
     parser.add_argument("--compile", nargs="+", choices=("off", "on"), default=["off"])
     parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
@@ -294,10 +323,12 @@ def main(argv=None) -> list[Row]:
     print_header()
     rows = []
     for model_name in args.models:
-        grid = itertools.product(args.precision, args.lora_dropout, args.ranks, args.checkpointing, args.compile,
-                                 args.tokens or DEFAULT_TOKENS.get(model_name, ["2x64"]))
-        for precision, dropout, ranks, ckpt, compiled, shape in grid:
-            row = run_row(args, model_name, precision, dropout, ranks, ckpt == "on", compiled == "on", shape)
+        grid = itertools.product(args.precision, args.lora_dropout, args.ranks, args.quant, args.checkpointing,
+                                 args.compile, args.tokens or DEFAULT_TOKENS.get(model_name, ["2x64"]))
+        for precision, dropout, ranks, quant, ckpt, compiled, shape in grid:
+            if quant != "none" and precision == "autocast-bf16":
+                continue  # QLoRA's compute dtype is its own setting: bf16 or fp32 rows
+            row = run_row(args, model_name, precision, dropout, ranks, quant, ckpt == "on", compiled == "on", shape)
             print_row(row)
             rows.append(row)
     if args.out:

@@ -7,7 +7,6 @@ usual QLoRA set-up) by rounding, bounded as a bf16 rounding of the outputs. Drop
 the stock model too (one seed per shared input, `lora_helpers.use_hash_dropout`), so it is compared as well.
 Skipped where bitsandbytes is not installed (it is an optional test dependency; CI installs its CPU build).
 """
-import copy
 import warnings
 
 import pytest
@@ -192,17 +191,9 @@ def test_fusion_stats_says_why_when_nothing_is_fused(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def smollm2_checkpoint(tmp_path_factory):
-    """SmolLM2 saved as a plain float32 checkpoint (the embedded copy is GGUF, which bitsandbytes cannot load)."""
-    from slora_kernels.app.defaults import load_smollm2
+    from slora_kernels.app.defaults import save_smollm2_checkpoint
 
-    gguf = load_smollm2()[0]
-    config = copy.deepcopy(gguf.config)
-    config.__dict__.pop("quantization_config", None)
-    plain = LlamaForCausalLM(config)
-    plain.load_state_dict(gguf.state_dict())
-    folder = tmp_path_factory.mktemp("smollm2")
-    plain.save_pretrained(folder)
-    return folder
+    return save_smollm2_checkpoint(tmp_path_factory.mktemp("smollm2"))
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ anything unexpected); `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import warnings
@@ -127,8 +128,10 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _quiet_libraries() -> None:
-    """Hide transformers' load reports and deprecation chatter; the CLI prints what matters (a
-    TRANSFORMERS_VERBOSITY the user set is kept)."""
+    """Hide transformers' load reports and deprecation chatter, and bitsandbytes' notes about optional
+    kernels it loads when PEFT imports it; the CLI prints what matters (a TRANSFORMERS_VERBOSITY the user set
+    is kept)."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # transformers is already imported (PEFT's integration pulls it in), so setting its environment variables
     # here would come too late: set its verbosity and progress bars directly.
     from transformers.utils import logging as transformers_logging

@@ -56,3 +56,21 @@ def load_smollm2():
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def save_smollm2_checkpoint(folder: str | Path) -> Path:
+    """Save SmolLM2 as a plain float32 transformers checkpoint in folder (returned). The embedded copy is a GGUF
+    file, which save_pretrained refuses to write back and bitsandbytes cannot quantize from; QLoRA loads the
+    saved checkpoint with `from_pretrained(folder, quantization_config=...)`."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    gguf, tokenizer = load_smollm2()
+    config = copy.deepcopy(gguf.config)
+    config.__dict__.pop("quantization_config", None)  # the GGUF marker
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf.state_dict())
+    plain.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)
