@@ -5,6 +5,8 @@ Every check compares against stock PEFT on the same weights: logits and every Lo
 the adapter saved from a fused model loaded by stock PeftModel.from_pretrained.
 """
 import copy
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -181,6 +183,34 @@ def test_failing_probe_asks_for_example_inputs():
     with pytest.raises(ValueError, match="pass example_inputs"):
         fuse(model, example_inputs={"x": torch.randn(2, 5)})  # wrong feature size
     assert not any(isinstance(m, FusedLoraLinear) for m in model.modules())
+
+
+WITHOUT_BITSANDBYTES = """
+import sys
+sys.modules["bitsandbytes"] = None  # as if not installed: importing it raises ImportError
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners import lora
+from slora_kernels import fuse, fusion_stats
+from slora_kernels.nn.fusion import fusable_classes
+
+assert fusable_classes() == (lora.Linear,), fusable_classes()
+model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(12, 6)), LoraConfig(target_modules=["0"]))
+x = torch.randn(2, 5, 12)
+fuse(model, example_inputs={"input": x})
+model(x)
+stats = fusion_stats(model)
+assert stats.fused == 1 and not stats.left_to_peft, stats
+print("fused without bitsandbytes")
+"""
+
+
+def test_fuse_works_without_bitsandbytes():
+    """Some PEFT releases import bitsandbytes in their bnb module unconditionally: fuse must not need it.
+    A fresh interpreter, since PEFT decides once, on import, whether bitsandbytes is there."""
+    done = subprocess.run([sys.executable, "-c", WITHOUT_BITSANDBYTES], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fused without bitsandbytes" in done.stdout
 
 
 @pytest.fixture(scope="module")

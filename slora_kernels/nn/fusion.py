@@ -9,6 +9,7 @@ the very same tensor form a group (q/k/v, gate/up in BERT/RoBERTa, Llama and mos
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import Counter
 from collections.abc import Mapping
@@ -26,10 +27,17 @@ from slora_kernels.nn.stats import FusionRecorder, FusionStats
 SHOWN = 8  # layers a warning names before it only counts
 
 
+@functools.cache
 def fusable_classes() -> tuple[type, ...]:
-    """The PEFT LoRA layer classes `fuse` converts: LoRA Linear, and the bitsandbytes ones where PEFT has them."""
-    from peft.tuners.lora import bnb  # defines its classes only when bitsandbytes is installed
+    """The PEFT LoRA layer classes `fuse` converts: LoRA Linear, and the bitsandbytes ones where PEFT has them.
 
+    Without bitsandbytes no model holds a bitsandbytes layer, and PEFT's bnb module (which some PEFT releases
+    import only then, others always, failing) has nothing to offer.
+    """
+    try:
+        from peft.tuners.lora import bnb
+    except ImportError:
+        return (lora.Linear,)
     return (lora.Linear, *(getattr(bnb, name) for name in ("Linear4bit", "Linear8bitLt") if hasattr(bnb, name)))
 
 
