@@ -126,9 +126,10 @@ def lora_config(base, ranks: str, rank: int, lora_dropout: float, batches: list[
     return report.lora_config(rank, budget="params", lora_alpha=2 * rank, lora_dropout=lora_dropout)
 
 
-def copies(base, name: str, precision: str, quant: str, device: str):
+def copies(base, name: str, precision: str, quant: str, device: str, scratch: Path):
     """A function making a fresh copy of the row's base model (three per row): a deepcopy, or for QLoRA a new
-    load of a saved checkpoint, quantized while loading (a deepcopy of a bitsandbytes model is not faithful)."""
+    load of a checkpoint saved under `scratch`, quantized while loading (a deepcopy of a bitsandbytes model is
+    not faithful)."""
     if quant == "none":
         base = base.to(torch.bfloat16) if precision == "bf16" else base
         return lambda: copy.deepcopy(base)
@@ -136,7 +137,7 @@ def copies(base, name: str, precision: str, quant: str, device: str):
 
     from slora_kernels.app.defaults import save_smollm2_checkpoint
 
-    folder = Path(tempfile.mkdtemp(prefix="bench_e2e_"))
+    folder = scratch / "checkpoint"
     if name == "smollm2":
         save_smollm2_checkpoint(folder)
     else:
@@ -237,8 +238,9 @@ def run_row(args, model_name: str, precision: str, dropout: float, ranks: str, q
     calibration = [{"input_ids": torch.randint(0, vocab, (batch_size, tokens), generator=gen).to(device)}
                    for _ in range(2)]
     config = lora_config(base, ranks, args.rank, dropout, calibration)
-    models = three_models(copies(base, model_name, precision, quant, device), config, checkpointing,
-                          {"input_ids": ids[:1, :8]})
+    with tempfile.TemporaryDirectory(prefix="bench_e2e_") as scratch:  # QLoRA's checkpoint, gone once loaded
+        models = three_models(copies(base, model_name, precision, quant, device, Path(scratch)), config,
+                              checkpointing, {"input_ids": ids[:1, :8]})
     del base
     if compiled:
         models = {name: torch.compile(model) for name, model in models.items()}

@@ -403,14 +403,15 @@ def test_cli_bad_rank_is_one_line_and_writes_nothing(adapter, tmp_path, capsys, 
     assert not (tmp_path / "export").exists()
 
 
-def test_cli_non_empty_out_needs_force(adapter, tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["--force", "--overwrite"])  # --overwrite as the demo and train commands spell it
+def test_cli_non_empty_out_needs_force(adapter, tmp_path, capsys, flag):
     out = tmp_path / "export"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     code, _, err = run_cli(capsys, adapter, "--out", out)
     assert code == 2 and "exists and is not empty" in err and "--force" in err and "Traceback" not in err
     assert contents(out) == {"notes.txt": b"mine"}
-    code, _, err = run_cli(capsys, adapter, "--out", out, "--force")
+    code, _, err = run_cli(capsys, adapter, "--out", out, flag)
     assert code == 0, err
     assert (out / "notes.txt").read_text() == "mine" and (out / WEIGHTS).is_file()
 

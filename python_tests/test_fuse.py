@@ -17,7 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners import lora
 
 from slora_kernels import fuse, fusion_stats, unfuse
-from slora_kernels.app.defaults import load_minilm_classifier, load_smollm2
+from slora_kernels.app.defaults import load_minilm_classifier, load_smollm2, save_smollm2_checkpoint
 from slora_kernels.nn import FusedLoraLinear
 
 
@@ -211,6 +211,13 @@ def test_fuse_works_without_bitsandbytes():
     done = subprocess.run([sys.executable, "-c", WITHOUT_BITSANDBYTES], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "fused without bitsandbytes" in done.stdout
+
+
+def test_smollm2_checkpoint_refuses_a_folder_with_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an empty directory"):
+        save_smollm2_checkpoint(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
 @pytest.fixture(scope="module")

@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output folder (refused if it exists and is not empty)")
     export.add_argument("--rank", type=int,
                         help="the one rank (default: the adapter's largest; raise it to a serving engine's slot size)")
-    export.add_argument("--force", action="store_true", help="write into an existing, non-empty output folder")
+    export.add_argument("--force", "--overwrite", dest="force", action="store_true",
+                        help="write into an existing, non-empty output folder (--overwrite, as for the other commands)")
     _debug_flag(export)
     return parser
 

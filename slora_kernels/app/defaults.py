@@ -61,8 +61,14 @@ def load_smollm2():
 def save_smollm2_checkpoint(folder: str | Path) -> Path:
     """Save SmolLM2 as a plain float32 transformers checkpoint in folder (returned). The embedded copy is a GGUF
     file, which save_pretrained refuses to write back and bitsandbytes cannot quantize from; QLoRA loads the
-    saved checkpoint with `from_pretrained(folder, quantization_config=...)`."""
+    saved checkpoint with `from_pretrained(folder, quantization_config=...)`. A folder that holds files already is
+    refused (FileExistsError), never written into."""
     import copy
+
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise FileExistsError(f"save_smollm2_checkpoint: folder {str(folder)!r} exists and is not an empty "
+                              "directory; pass a new or empty one")
 
     from transformers import AutoModelForCausalLM
 
@@ -73,4 +79,4 @@ def save_smollm2_checkpoint(folder: str | Path) -> Path:
     plain.load_state_dict(gguf.state_dict())
     plain.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return Path(folder)
+    return folder
