@@ -9,7 +9,7 @@ for memory-bound launches. The launch lists follow the CUDA path of slora_kernel
 (including its small cats, casts and clones) and what autograd adds to the suite's timed step (the
 `cat` behind a `split`'s backward, `.grad` accumulation: the suite resets x.grad only).
 
-Rows are built from gpu_suite's Config with its case strings; python_tests/test_roofline.py checks
+Rows are built from the suite's Config (suite_config.py) with its case strings; python_tests/test_roofline.py checks
 them against the rows the suite's timing code produces, so the two cannot drift apart silently.
 
     python benchmarks/roofline.py                      # the table: H200 and H100 SXM
@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from gpu_suite import Config
+from suite_config import Config
 
 BF16, FP32 = 2, 4                 # bytes per element
 LAUNCH_OVERHEAD_S = 3e-6          # per launch: gap between back-to-back kernels on one stream, small grids' ramp

@@ -1,5 +1,6 @@
 """The prepared GPU command's --dry-run: its steps (GPU suite LoRA rows, one layer's profile, whole-model steps)
 run the same code on CPU at tiny sizes and write their JSON, so the command cannot rot between GPU sessions."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -16,8 +17,10 @@ def test_gpu_run_dry_run_completes_every_step(tmp_path):
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     record = json.loads((tmp_path / "gpu_run.json").read_text())
-    assert [r["step"] for r in record] == ["gpu_suite", "profile", "e2e_eager"]
-    assert all(r["status"] == "ok" for r in record), record
+    assert [r["step"] for r in record] == ["gpu_suite", "profile", "e2e_eager", "e2e_qlora"]
+    qlora_ran = importlib.util.find_spec("bitsandbytes") is not None
+    assert record[-1]["status"] == "ok" if qlora_ran else record[-1]["status"].startswith("skipped: bitsandbytes")
+    assert all(r["status"] == "ok" for r in record[:-1]), record
     suite = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert suite["checks"] and all(c["passed"] for c in suite["checks"])
     profile = json.loads((tmp_path / "profile.json").read_text())
@@ -31,3 +34,8 @@ def test_gpu_run_dry_run_completes_every_step(tmp_path):
         # What autograd keeps for backward: LoRA adds less with the fused layers when there is dropout
         # (no dropped copy, no mask), never more without.
         assert row["saved_ratio"] is not None and row["saved_ratio"] <= (0.5 if row["lora_dropout"] else 1.0)
+    if qlora_ran:
+        rows = json.loads((tmp_path / "e2e_qlora.json").read_text())
+        assert {(r["quant"], r["precision"], r["lora_dropout"]) for r in rows} == {("4bit", "bf16", 0.0),
+                                                                                   ("4bit", "bf16", 0.05)}
+        assert all(r["fused_calls"] == "100%" and r["saved_ratio"] < 1.0 for r in rows), rows

@@ -27,10 +27,13 @@ BITS = ("4bit", "8bit")
 BF16_BOUND = 2 ** -7  # one bf16 rounding, relative
 
 
-def quantization(bits: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+def quantization(bits: str, compute_dtype: torch.dtype, quant_type: str = "nf4",
+                 double_quant: bool | None = None) -> BitsAndBytesConfig:
+    """4-bit nf4 (double quantization with bf16 compute unless said) or fp4, or LLM.int8."""
     if bits == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
-                                  bnb_4bit_use_double_quant=compute_dtype == torch.bfloat16)
+        double_quant = compute_dtype == torch.bfloat16 if double_quant is None else double_quant
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=compute_dtype,
+                                  bnb_4bit_use_double_quant=double_quant)
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
@@ -43,16 +46,16 @@ def tiny_checkpoint(tmp_path_factory):
     return folder
 
 
-def quantized(folder, bits: str, dtype: torch.dtype):
+def quantized(folder, bits: str, dtype: torch.dtype, **variant):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return LlamaForCausalLM.from_pretrained(folder, quantization_config=quantization(bits, dtype), dtype=dtype,
-                                                device_map="cpu")
+        return LlamaForCausalLM.from_pretrained(folder, quantization_config=quantization(bits, dtype, **variant),
+                                                dtype=dtype, device_map="cpu")
 
 
-def qlora(folder, bits: str, dtype: torch.dtype, dropout: float = 0.0, targets=SMOLLM2_TARGETS):
+def qlora(folder, bits: str, dtype: torch.dtype, dropout: float = 0.0, targets=SMOLLM2_TARGETS, **variant):
     """A PEFT model over a quantized base, random B (ranks differ per matrix: 4 or 8)."""
-    base = quantized(folder, bits, dtype)
+    base = quantized(folder, bits, dtype, **variant)
     ranks = {name: 4 + 4 * (i % 2) for i, (name, m) in enumerate(base.named_modules()) if name.endswith(tuple(targets))}
     torch.manual_seed(1)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=targets, rank_pattern=ranks,
@@ -91,9 +94,9 @@ def assert_close_runs(got, want, bound):
         assert rel_err(grads[name], grad) <= 4 * bound, name
 
 
-def fused_and_stock(folder, bits, dtype, dropout):
+def fused_and_stock(folder, bits, dtype, dropout, **variant):
     """Two loads of the same quantized model and adapter (a deepcopy of a bitsandbytes model is not faithful)."""
-    fused, stock = (qlora(folder, bits, dtype, dropout).train() for _ in range(2))
+    fused, stock = (qlora(folder, bits, dtype, dropout, **variant).train() for _ in range(2))
     if dropout:
         use_hash_dropout(stock, dropout)
     with warnings.catch_warnings():
@@ -116,6 +119,19 @@ def test_float32_compute_equals_stock_peft(tiny_checkpoint, bits, dropout):
     assert (stats.fused, stats.fallback, stats.left_to_peft) == (2 * len(layers), {}, {}), str(stats)
     if dropout:  # the masks are live: another seed, other outputs
         assert rel_err(step(fused, inputs, 0)[1], step(fused, inputs, 1)[1]) > 1e-4
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_4bit_variants_equal_stock_peft(tiny_checkpoint, quant_type, double_quant):
+    """Each 4-bit format and double quantization on and off (fp32 compute, dropout live)."""
+    fused, stock = fused_and_stock(tiny_checkpoint, "4bit", torch.float32, 0.1, quant_type=quant_type,
+                                   double_quant=double_quant)
+    weight = next(m for m in fused.modules() if isinstance(m, FusedLoraLayer)).base_layer.weight
+    assert weight.quant_state.quant_type == quant_type and (weight.quant_state.nested == double_quant)
+    inputs = batch()
+    assert_close_runs(step(fused, inputs), step(stock, inputs), 1e-5)
+    assert fusion_stats(fused).fused_fraction == 1.0
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -147,6 +163,22 @@ def test_eval_no_grad_inference_mode_and_checkpointing(tiny_checkpoint, bits):
     assert_close_runs(step(fused, inputs), step(stock, inputs), 1e-5)
     stats = fusion_stats(fused)
     assert stats.fused == 2 * 14 and stats.fallback == {}, str(stats)  # forward, and again in the backward
+
+
+def test_fuse_on_a_model_as_loaded_leaves_its_4bit_weights_and_modes_alone(tmp_path):
+    """from_pretrained returns a model in eval mode; the probe forward (no grad) must not trigger bitsandbytes'
+    one-way CPU repacking of 4-bit weights, which also fails on layers narrower than its 64-value block."""
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**{**TINY, "hidden_size": 32, "intermediate_size": 48})).save_pretrained(tmp_path)
+    fused, stock = (qlora(tmp_path, "4bit", torch.float32, 0.1) for _ in range(2))  # eval mode, as loaded
+    modes = {name: m.training for name, m in fused.named_modules()}
+    fuse(fused)
+    assert {name: m.training for name, m in fused.named_modules()} == modes
+    layers = [m for m in fused.modules() if isinstance(m, FusedLoraLayer)]
+    assert len(layers) == 7 * TINY["num_hidden_layers"]
+    assert not any(getattr(m.base_layer.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    use_hash_dropout(stock.train(), 0.1)
+    assert_close_runs(step(fused.train(), batch()), step(stock, batch()), 1e-5)
 
 
 @pytest.mark.parametrize("bits", BITS)

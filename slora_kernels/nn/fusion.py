@@ -142,10 +142,11 @@ def _shared_input_groups(model: nn.Module, layers: dict[str, LoraLayer],
     modes = {module: module.training for module in model.modules()}
     try:
         model.eval()
-        # The base layers keep their mode: bitsandbytes repacks a 4-bit weight for its CPU kernel, for good, on
-        # its first eval-mode call without grad; the probe must leave the model as it found it.
+        # The base layers run in training mode: bitsandbytes repacks a 4-bit weight for its CPU kernel, for good,
+        # on an eval-mode call without grad (and fails on layers narrower than its block); the probe must leave
+        # the model as it found it. A layer's mode changes its values at most, not which tensor it reads.
         for layer in layers.values():
-            layer.base_layer.training = modes[layer.base_layer]
+            layer.base_layer.training = True
         with torch.no_grad():
             model(**inputs)
     except Exception as error:

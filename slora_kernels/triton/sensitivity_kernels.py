@@ -121,17 +121,26 @@ def _bf16_square(v, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _fisher_prologue(d_out, d_in, stride_g, stride_x, WIDE: tl.constexpr,
+                     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Both Fisher kernels' tile: output rows and columns with their bounds, the token rows of one block, and
+    the offsets of g^T [O, T] and x [T, I] inside one token block."""
+    offs_o, offs_i = _tile_offsets(d_out, d_in, BLOCK_O, BLOCK_I)
+    rows = tl.arange(0, BLOCK_T)
+    if WIDE:
+        rows = rows.to(tl.int64)
+    g_tile = offs_o[:, None] + rows[None, :] * stride_g
+    x_tile = rows[:, None] * stride_x + offs_i[None, :]
+    return offs_o, offs_i, offs_o < d_out, offs_i < d_in, rows, g_tile, x_tile
+
+
+@triton.jit
 def _fisher_token_kernel(acc_ptr, x_ptr, g_ptr, n_rows, d_in, d_out, stride_x, stride_g, tokens_bucket,
                          INTERPRET: tl.constexpr, WIDE: tl.constexpr,
                          BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr):
     # tokens_bucket only keys the autotuner
-    offs_o, offs_i = _tile_offsets(d_out, d_in, BLOCK_O, BLOCK_I)
-    o_ok, i_ok = offs_o < d_out, offs_i < d_in
-    rows = tl.arange(0, BLOCK_T)
-    if WIDE:
-        rows = rows.to(tl.int64)
-    g_tile = offs_o[:, None] + rows[None, :] * stride_g   # [O, T] = g^T, offsets inside one token block
-    x_tile = rows[:, None] * stride_x + offs_i[None, :]   # [T, I]
+    offs_o, offs_i, o_ok, i_ok, rows, g_tile, x_tile = _fisher_prologue(d_out, d_in, stride_g, stride_x, WIDE,
+                                                                         BLOCK_O, BLOCK_I, BLOCK_T)
     tile = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
     for start in range(0, n_rows, BLOCK_T):
         r_ok = rows < n_rows - start
@@ -150,13 +159,8 @@ def _fisher_sample_kernel(acc_ptr, x_ptr, g_ptr, n_batch, n_tokens, d_in, d_out,
                           tokens_bucket, INTERPRET: tl.constexpr, WIDE: tl.constexpr,
                           BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr):
     # tokens_bucket only keys the autotuner
-    offs_o, offs_i = _tile_offsets(d_out, d_in, BLOCK_O, BLOCK_I)
-    o_ok, i_ok = offs_o < d_out, offs_i < d_in
-    rows = tl.arange(0, BLOCK_T)
-    if WIDE:
-        rows = rows.to(tl.int64)
-    g_tile = offs_o[:, None] + rows[None, :] * sg_t   # offsets inside one token block, as in _fisher_token_kernel
-    x_tile = rows[:, None] * sx_t + offs_i[None, :]
+    offs_o, offs_i, o_ok, i_ok, rows, g_tile, x_tile = _fisher_prologue(d_out, d_in, sg_t, sx_t, WIDE,
+                                                                         BLOCK_O, BLOCK_I, BLOCK_T)
     steps = tl.cdiv(n_tokens, BLOCK_T)
     total = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
     grad = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
