@@ -2,8 +2,9 @@
 
 Eager calls run the extension's C++ op `slora::grouped_lora_cpu` (csrc/grouped_lora_cpu.cpp, `native`):
 the same computation as the bodies below, with the whole forward one call from Python and the backward
-one C++ autograd node, so no Python runs per GEMM. The Python bodies are the fallback without the
-extension and the bodies of the torch.compile ops.
+one C++ autograd node, so no Python runs per GEMM; under autocast over weights that autocast copies anyway
+it stacks the copies (`[W; A_cat]`, a block-diagonal B) and runs fewer, larger GEMMs. The Python bodies are
+the fallback without the extension and the bodies of the torch.compile ops.
 
 Forward: S = drop(x) A_cat^T (one GEMM over the packed A), then per layer y_i = x W_i^T + b_i and
 y_i += s_i S_i B_i^T in place. Separate outputs (not column views of one buffer) spare the
