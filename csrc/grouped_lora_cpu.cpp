@@ -245,6 +245,20 @@ struct Backward {
   std::vector<at::Tensor> grad_a, grad_b, grad_w, grad_bias;  // grad_bias: the present biases only
 };
 
+// dA_cat in the A factors' own dtype (cast once, before it is split), one gradient per layer.
+std::vector<at::Tensor> split_grad_a(at::Tensor grad_a, at::ScalarType a_dtype, const Layout& layout) {
+  if (grad_a.scalar_type() != a_dtype) grad_a = grad_a.to(a_dtype);
+  return layout.ranks.size() == 1 ? std::vector<at::Tensor>{grad_a} : grad_a.split_with_sizes(layout.ranks);
+}
+
+// The base weights' and biases' gradients, when one of them trains.
+void add_base_grads(Backward& result, const std::vector<at::Tensor>& dys, const at::Tensor& x2, const Operands& ops) {
+  for (size_t i = 0; i < dys.size(); ++i) {
+    result.grad_w.push_back(at::mm(dys[i].t(), x2));
+    if (ops.biases[i]) result.grad_bias.push_back(dys[i].sum(0));
+  }
+}
+
 // Stacked operands: the output gradients copied side by side into G = [dY | dS] (dY_cat, then dS beside it), dS =
 // dY_cat B_bd and dB (the diagonal blocks of dY_cat^T S) one GEMM each, dx = G wa in one GEMM (two with dropout).
 Backward backward_stacked(const variable_list& grads, const at::Tensor& x, const at::Tensor& s, const Operands& ops,
@@ -272,9 +286,7 @@ Backward backward_stacked(const variable_list& grads, const at::Tensor& x, const
     row += layout.d_outs[i];
     col += layout.ranks[i];
   }
-  auto grad_a = at::mm(ds.t(), drop(x2, layout));
-  if (grad_a.scalar_type() != a_dtype) grad_a = grad_a.to(a_dtype);
-  result.grad_a = groups == 1 ? std::vector<at::Tensor>{grad_a} : grad_a.split_with_sizes(layout.ranks);
+  result.grad_a = split_grad_a(at::mm(ds.t(), drop(x2, layout)), a_dtype, layout);
   if (need_x) {
     at::Tensor grad_x;
     if (layout.dropout_p == 0.0) {
@@ -286,16 +298,11 @@ Backward backward_stacked(const variable_list& grads, const at::Tensor& x, const
     }
     result.grad_x = grad_x.view(x.sizes());
   }
-  if (need_base) {
-    for (size_t i = 0; i < groups; ++i) {
-      result.grad_w.push_back(at::mm(dys[i].t(), x2));
-      if (ops.biases[i]) result.grad_bias.push_back(dys[i].sum(0));
-    }
-  }
+  if (need_base) add_base_grads(result, dys, x2, ops);
   return result;
 }
 
-// a_dtype: the A factors' own dtype (autocast computes in another), so that dA_cat is cast once, before it is split.
+// a_dtype: the A factors' own dtype (autocast computes in another).
 Backward backward_impl(const variable_list& grads, const at::Tensor& x, const at::Tensor& s, const at::Tensor& a_cat,
                        const Operands& ops, const Layout& layout, bool need_x, bool need_base,
                        at::ScalarType a_dtype) {
@@ -314,21 +321,14 @@ Backward backward_impl(const variable_list& grads, const at::Tensor& x, const at
     result.grad_b.push_back(at::addmm(ops.lora_b[i], dy.t(), s_parts[i], 0.0, layout.scales[i]));
   }
   const auto ds = groups == 1 ? ds_parts[0] : at::cat(ds_parts, 1);
-  auto grad_a = at::mm(ds.t(), drop(as_factor(x2, factor), layout));
-  if (grad_a.scalar_type() != a_dtype) grad_a = grad_a.to(a_dtype);
-  result.grad_a = groups == 1 ? std::vector<at::Tensor>{grad_a} : grad_a.split_with_sizes(layout.ranks);
+  result.grad_a = split_grad_a(at::mm(ds.t(), drop(as_factor(x2, factor), layout)), a_dtype, layout);
   if (need_x) {
     auto grad_x = drop(at::mm(ds, right_operand(a_cat, layout)), layout);
     if (grad_x.scalar_type() != x.scalar_type()) grad_x = grad_x.to(x.scalar_type());
     for (size_t i = 0; i < ops.weights.size(); ++i) grad_x.addmm_(dys[i], right_operand(ops.weights[i], layout));
     result.grad_x = grad_x.view(x.sizes());
   }
-  if (need_base) {
-    for (size_t i = 0; i < groups; ++i) {
-      result.grad_w.push_back(at::mm(dys[i].t(), x2));
-      if (ops.biases[i]) result.grad_bias.push_back(dys[i].sum(0));
-    }
-  }
+  if (need_base) add_base_grads(result, dys, x2, ops);
   return result;
 }
 
