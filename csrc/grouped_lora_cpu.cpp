@@ -134,17 +134,15 @@ void stack_operands(Operands& ops, at::TensorList weights, at::TensorList lora_a
   std::vector<at::Tensor> parts = weights.vec();
   parts.insert(parts.end(), lora_a.begin(), lora_a.end());
   ops.wa = stack_rows(parts, n_out + rank, dtype);
-  // Built in B's own dtype, scaled there, then rounded once.
-  auto b_bd = at::zeros({n_out, rank}, lora_b[0].options());
+  ops.b_bd = at::zeros({n_out, rank}, lora_b[0].options().dtype(dtype));
   int64_t row = 0, col = 0;
   for (size_t i = 0; i < lora_b.size(); ++i) {
-    auto block = b_bd.narrow(0, row, lora_b[i].size(0)).narrow(1, col, lora_b[i].size(1));
-    block.copy_(lora_b[i]);
-    if (scales[i] != 1.0) block.mul_(scales[i]);
+    auto block = ops.b_bd.narrow(0, row, lora_b[i].size(0)).narrow(1, col, lora_b[i].size(1));
+    // s_i B_i in B's own dtype, rounded once into the block.
+    block.copy_(scales[i] == 1.0 ? lora_b[i] : at::mul(lora_b[i], scales[i]));
     row += lora_b[i].size(0);
     col += lora_b[i].size(1);
   }
-  ops.b_bd = b_bd.to(dtype);
 }
 
 Operands operands_of(at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
