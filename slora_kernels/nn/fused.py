@@ -24,7 +24,7 @@ from peft.tuners import lora
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from slora_kernels.nn.plan import GroupPlan, fsdp_managed, has_hooks, versions
+from slora_kernels.nn.plan import GroupPlan, fsdp_managed, has_hooks, version_sum
 from slora_kernels.nn.stats import FusionRecorder
 from slora_kernels.ops import _grouped_cuda
 from slora_kernels.ops.grouped_lora import autocast_dtype
@@ -67,7 +67,7 @@ class LoraGroup:
         if torch.compiler.is_compiling():
             return None  # PEFT's forward, traced whole (see the module docstring)
         cast_to = autocast_dtype(x)
-        if self._pending and x is self._pending_input:
+        if x is self._pending_input:  # None when nothing is pending
             y = self._pending_output(layer, x, cast_to)
             if y is not None:
                 self.recorder.fused(layer)
@@ -82,14 +82,14 @@ class LoraGroup:
             return None
         self.recorder.fused(layer)
         if x.is_inference():  # no version counter to key a cache on: this layer alone
-            return plan.alone(layer, x).run(x)[0]
+            return plan.alone(layer, x).compute(x)[0]
         batch = plan.batches[id(layer)]
-        outputs = batch.run(x)
+        outputs = batch.compute(x)
         if len(outputs) > 1:
             # Keep x alive while outputs are pending, so its id cannot be reused by another tensor.
             self._pending_input, self._pending_key = x, (x._version, torch.is_grad_enabled(), cast_to)
-            self._pending = {id(m): (y, plan.watch_of[id(m)], versions(batch.member_tensors(m)), batch)
-                             for m, y in zip(batch.members, outputs) if m is not layer}
+            self._pending = {id(m): (y, plan.watch_of[id(m)], tracked, version_sum(tracked))
+                             for m, y, tracked in zip(batch.members, outputs, batch.tracked) if m is not layer}
         return outputs[batch.position[id(layer)]]
 
     def _pending_output(self, layer: FusedLoraLayer, x: torch.Tensor, cast_to) -> torch.Tensor | None:
@@ -101,8 +101,8 @@ class LoraGroup:
             self._pending, self._pending_input, self._pending_key = {}, None, None
         if entry is None:
             return None
-        y, watch, tensor_versions, batch = entry
-        if not watch.matches(layer) or tensor_versions != versions(batch.member_tensors(layer)):
+        y, watch, tracked, versions = entry
+        if not watch.matches(layer) or version_sum(tracked) != versions:
             return None
         return y
 

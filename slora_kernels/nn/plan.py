@@ -8,6 +8,8 @@ and any change (a hook added, an adapter disabled or switched, `model.eval()`) r
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 
@@ -28,9 +30,13 @@ def fsdp_managed(module: nn.Module) -> bool:
     return module.__dict__.get("_is_fsdp_managed_module", False)
 
 
-def versions(tensors) -> tuple:
-    """Version counters of tensors (None stays None; an inference tensor, which has none, counts as -1)."""
-    return tuple(None if t is None else -1 if t.is_inference() else t._version for t in tensors)
+_version_of = operator.attrgetter("_version")
+
+
+def version_sum(tensors: tuple) -> int:
+    """The sum of tensors' version counters: each counter only grows, so the sum of the same tensors is unchanged
+    exactly when none of them was modified in place."""
+    return sum(map(_version_of, tensors))
 
 
 class Batch:
@@ -61,12 +67,14 @@ class Batch:
         self.caches_stack = (gemm and stacks_outputs(x) and len(members) > 1
                              and not any(fsdp_managed(b) for b in self.bases))
         self.call = prepare(self.layout, self.operands, x)
+        # `run`, or straight the prepared call when run would only forward to it (the common case: one less frame).
+        self.compute = self.call if gemm and not self.caches_stack and not self.conv1d else self.run
+        # Per member, the tensors whose in-place changes make an output computed for it stale (an inference tensor
+        # has no version counter: none is kept for it).
+        self.tracked = [tuple(t for t in tensors if t is not None and not t.is_inference())
+                        for tensors in zip(self.weights, self.biases, self.lora_a, self.lora_b)]
         self._stack_key: tuple | None = None
         self._stacked: Operands | None = None
-
-    def member_tensors(self, layer) -> tuple:
-        i = self.position[id(layer)]
-        return self.weights[i], self.biases[i], self.lora_a[i], self.lora_b[i]
 
     def _weights(self) -> list[torch.Tensor]:
         """The base weights as [d_out, d_in]: Conv1D stores [d_in, d_out], read through a transposed view."""

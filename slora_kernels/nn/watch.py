@@ -22,6 +22,13 @@ def hooked(attributes: dict) -> bool:
     return bool(attributes["_forward_hooks"] or attributes["_forward_pre_hooks"] or "forward" in attributes)
 
 
+def _dropout_mode(attributes: dict) -> tuple:
+    """A dropout module's mode and probability, read from its attributes: an nn.Identity has no `p`, and
+    asking the module for it would raise (and catch) an AttributeError through nn.Module.__getattr__ on every
+    call."""
+    return attributes["training"], attributes.get("p")
+
+
 class _Submodule:
     """A base layer or factor as the plan saw it: the module, its hooks, FSDP flag and parameters."""
 
@@ -53,7 +60,8 @@ class LayerWatch:
     """One fused layer's state as its group's plan saw it (see the module docstring)."""
 
     __slots__ = ("cls", "attributes", "modules", "active", "adapter", "disabled", "merged", "cast_input", "scale",
-                 "variant", "lora_bias", "dicts", "base", "lora_a", "lora_b", "dropout", "dropout_mode")
+                 "variant", "lora_bias", "dicts", "base", "lora_a", "lora_b", "dropout", "dropout_attributes",
+                 "dropout_mode")
 
     def __init__(self, layer):
         attributes = layer.__dict__
@@ -73,7 +81,8 @@ class LayerWatch:
         (_, a), (_, b), (_, dropout) = self.dicts
         self.lora_a, self.lora_b = _Submodule(a.get(self.adapter)), _Submodule(b.get(self.adapter))
         self.dropout = dropout.get(self.adapter)
-        self.dropout_mode = None if self.dropout is None else (self.dropout.training, getattr(self.dropout, "p", None))
+        self.dropout_attributes = None if self.dropout is None else self.dropout.__dict__
+        self.dropout_mode = None if self.dropout is None else _dropout_mode(self.dropout_attributes)
 
     def matches(self, layer) -> bool:
         """Whether layer still is as recorded (compared in order of how often each thing changes)."""
@@ -91,8 +100,8 @@ class LayerWatch:
                 or modules["lora_dropout"] is not dict_dropout):
             return False
         dropout = entries_dropout.get(adapter)
-        if dropout is not self.dropout or (dropout is not None and (
-                dropout.training, getattr(dropout, "p", None)) != self.dropout_mode):
+        if dropout is not self.dropout or (dropout is not None
+                                           and _dropout_mode(self.dropout_attributes) != self.dropout_mode):
             return False
         return (_same(self.base, modules["base_layer"]) and _same(self.lora_a, entries_a.get(adapter))
                 and _same(self.lora_b, entries_b.get(adapter)))
