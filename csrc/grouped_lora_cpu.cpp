@@ -23,6 +23,10 @@
 // go into one stacked buffer [W_1; ..; W_G; A_cat] and B becomes one block-diagonal matrix with the scales folded
 // in (`stacks`): fewer, larger GEMMs (forward 2 instead of 2G + 1, backward 4 instead of 3G + 2, one more
 // each with dropout), the same sums with autocast's roundings in other places (within bf16 rounding of PEFT's).
+// weights and biases come one per layer, or (G > 1) each as one stack: W_cat [sum d_out, d_in] and b_cat [sum d_out]
+// (zeros for a layer without a bias), the caller's cached copy of frozen weights. Then the base outputs of the group
+// are one GEMM, and so is the base part of dx in half precision (over the output gradients side by side: a bf16
+// GEMM costs ~20 us at small shapes on CPU, a float32 one less than that copy).
 // column_major_half: feed half-precision right operands column-major (a copy), for CPUs whose
 // half-precision GEMM is slow on row-major ones (decided by a measurement in Python). The autograd node
 // takes x, the factors and (only when one trains) the base tensors as inputs; the rest of the call's state
@@ -58,10 +62,11 @@ at::Tensor drop(const at::Tensor& t, const Layout& layout) {
   return layout.dropout_p == 0.0 ? t : dropout_cpu(t, layout.dropout_p, layout.seed);
 }
 
+bool is_half(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf; }
+
 // m as a GEMM's right operand: column-major for half precision where the caller asked for it.
 at::Tensor right_operand(const at::Tensor& m, const Layout& layout) {
-  const bool half = m.scalar_type() == at::kBFloat16 || m.scalar_type() == at::kHalf;
-  if (!layout.column_major_half || !half || m.stride(0) == 1) return m;
+  if (!layout.column_major_half || !is_half(m) || m.stride(0) == 1) return m;
   return m.t().contiguous().t();
 }
 
@@ -155,6 +160,15 @@ Operands operands_of(at::TensorList weights, const c10::List<std::optional<at::T
   }
   if (stacks(weights, lora_a, lora_b, cast_to)) {
     stack_operands(ops, weights, lora_a, lora_b, scales, *cast_to);
+    if (ops.biases.size() == 1 && lora_b.size() > 1) {  // b_cat: each layer's bias is its slice
+      const auto b_cat = ops.biases[0];
+      ops.biases.clear();
+      int64_t row = 0;
+      for (const auto& b : lora_b) {
+        ops.biases.push_back(b_cat ? std::optional<at::Tensor>(b_cat->narrow(0, row, b.size(0))) : std::nullopt);
+        row += b.size(0);
+      }
+    }
     return ops;
   }
   ops.a_cat = cast(lora_a.size() == 1 ? lora_a[0] : at::cat(lora_a), cast_to);
@@ -207,6 +221,41 @@ Forward forward_stacked(const at::Tensor& x, const Operands& ops, const Layout& 
   return result;
 }
 
+// Whether the base weights (and biases) come as one stack for the group: W_cat and b_cat.
+bool stacked_base(const Operands& ops) { return ops.weights.size() == 1 && ops.lora_b.size() > 1; }
+
+// The output shaped like x with d_out last: not a view of y (a view returned by an autograd node could not be
+// modified in place by the caller).
+at::Tensor shaped(const at::Tensor& y, std::vector<int64_t>& shape, bool flat_x) {
+  if (flat_x) return y;
+  shape.back() = y.size(1);
+  return at::_unsafe_view(y, shape);
+}
+
+// Stacked base weights: the group's base outputs as one GEMM (bias included), then each layer's output is its
+// columns plus its LoRA term, written into a tensor of its own (PEFT's mixed-dtype sum, in the wider dtype rounded
+// once, where the factors' dtype differs).
+Forward forward_stacked_base(const at::Tensor& x2, std::vector<int64_t>& shape, const Operands& ops,
+                             const Layout& layout, const std::vector<at::Tensor>& s_parts, Forward result) {
+  const auto& w_cat = ops.weights[0];
+  const auto base = ops.biases[0] ? at::addmm(*ops.biases[0], x2, w_cat.t()) : at::mm(x2, w_cat.t());
+  const bool flat_x = shape.size() == 2;
+  int64_t col = 0;
+  for (size_t i = 0; i < ops.lora_b.size(); ++i) {
+    const auto base_i = base.narrow(1, col, layout.d_outs[i]);
+    col += layout.d_outs[i];
+    at::Tensor y;
+    if (base.scalar_type() == s_parts[i].scalar_type()) {
+      y = at::addmm(base_i, s_parts[i], ops.lora_b[i].t(), 1.0, layout.scales[i]);
+    } else {
+      y = at::empty(base_i.sizes(), base.options());
+      at::add_out(y, base_i, at::mm(s_parts[i], ops.lora_b[i].t()), layout.scales[i]);
+    }
+    result.outputs.push_back(shaped(y, shape, flat_x));
+  }
+  return result;
+}
+
 Forward forward_impl(const at::Tensor& x, const Operands& ops, const Layout& layout) {
   if (ops.wa.defined()) return forward_stacked(x, ops, layout);
   const auto factor = ops.a_cat.scalar_type();
@@ -217,11 +266,11 @@ Forward forward_impl(const at::Tensor& x, const Operands& ops, const Layout& lay
   const auto s_parts = ops.lora_b.size() == 1 ? std::vector<at::Tensor>{result.s}
                                               : result.s.split_with_sizes(layout.ranks, 1);
   auto shape = x.sizes().vec();
+  if (stacked_base(ops)) return forward_stacked_base(x2, shape, ops, layout, s_parts, std::move(result));
   for (size_t i = 0; i < ops.lora_b.size() && ops.weights.empty(); ++i) {  // the LoRA terms alone
     auto y = at::mm(s_parts[i], ops.lora_b[i].t());
     if (layout.scales[i] != 1.0) y.mul_(layout.scales[i]);
-    shape.back() = layout.d_outs[i];
-    result.outputs.push_back(x.dim() == 2 ? y : at::_unsafe_view(y, shape));
+    result.outputs.push_back(shaped(y, shape, x.dim() == 2));
   }
   for (size_t i = 0; i < ops.weights.size(); ++i) {
     const auto w_t = ops.weights[i].t();
@@ -231,9 +280,7 @@ Forward forward_impl(const at::Tensor& x, const Operands& ops, const Layout& lay
     } else {  // PEFT's mixed-dtype sum: computed in the wider dtype, rounded once into y's
       y.add_(at::mm(s_parts[i], ops.lora_b[i].t()), layout.scales[i]);
     }
-    shape.back() = layout.d_outs[i];
-    // Not a view of y (a view returned by an autograd node could not be modified in place by the caller).
-    result.outputs.push_back(x.dim() == 2 ? y : at::_unsafe_view(y, shape));
+    result.outputs.push_back(shaped(y, shape, x.dim() == 2));
   }
   return result;
 }
@@ -249,8 +296,15 @@ std::vector<at::Tensor> split_grad_a(at::Tensor grad_a, at::ScalarType a_dtype, 
   return layout.ranks.size() == 1 ? std::vector<at::Tensor>{grad_a} : grad_a.split_with_sizes(layout.ranks);
 }
 
-// The base weights' and biases' gradients, when one of them trains.
-void add_base_grads(Backward& result, const std::vector<at::Tensor>& dys, const at::Tensor& x2, const Operands& ops) {
+// The base weights' and biases' gradients, when one of them trains (one each for stacked ones).
+void add_base_grads(Backward& result, const std::vector<at::Tensor>& dys, const at::Tensor& x2, const Operands& ops,
+                    bool stacked) {
+  if (stacked) {
+    const auto dy = at::cat(dys, 1);
+    result.grad_w.push_back(at::mm(dy.t(), x2));
+    if (ops.biases[0]) result.grad_bias.push_back(dy.sum(0));
+    return;
+  }
   for (size_t i = 0; i < dys.size(); ++i) {
     result.grad_w.push_back(at::mm(dys[i].t(), x2));
     if (ops.biases[i]) result.grad_bias.push_back(dys[i].sum(0));
@@ -260,7 +314,8 @@ void add_base_grads(Backward& result, const std::vector<at::Tensor>& dys, const 
 // Stacked operands: the output gradients copied side by side into G = [dY | dS] (dY_cat, then dS beside it), dS =
 // dY_cat B_bd and dB (the diagonal blocks of dY_cat^T S) one GEMM each, dx = G wa in one GEMM (two with dropout).
 Backward backward_stacked(const variable_list& grads, const at::Tensor& x, const at::Tensor& s, const Operands& ops,
-                          const Layout& layout, bool need_x, bool need_base, at::ScalarType a_dtype) {
+                          const Layout& layout, bool need_x, bool need_base, at::ScalarType a_dtype,
+                          bool stacked_weights) {
   const auto x2 = flat(x);
   const int64_t n_out = ops.b_bd.size(0), rank = ops.b_bd.size(1);
   const size_t groups = layout.d_outs.size();
@@ -296,15 +351,15 @@ Backward backward_stacked(const variable_list& grads, const at::Tensor& x, const
     }
     result.grad_x = grad_x.view(x.sizes());
   }
-  if (need_base) add_base_grads(result, dys, x2, ops);
+  if (need_base) add_base_grads(result, dys, x2, ops, stacked_weights);
   return result;
 }
 
 // a_dtype: the A factors' own dtype (autocast computes in another).
 Backward backward_impl(const variable_list& grads, const at::Tensor& x, const at::Tensor& s, const at::Tensor& a_cat,
                        const Operands& ops, const Layout& layout, bool need_x, bool need_base,
-                       at::ScalarType a_dtype) {
-  if (ops.wa.defined()) return backward_stacked(grads, x, s, ops, layout, need_x, need_base, a_dtype);
+                       at::ScalarType a_dtype, bool stacked_weights) {
+  if (ops.wa.defined()) return backward_stacked(grads, x, s, ops, layout, need_x, need_base, a_dtype, stacked_weights);
   const auto factor = s.scalar_type();
   const auto x2 = flat(x);
   const size_t groups = ops.lora_b.size();
@@ -323,10 +378,15 @@ Backward backward_impl(const variable_list& grads, const at::Tensor& x, const at
   if (need_x) {
     auto grad_x = drop(at::mm(ds, right_operand(a_cat, layout)), layout);
     if (grad_x.scalar_type() != x.scalar_type()) grad_x = grad_x.to(x.scalar_type());
-    for (size_t i = 0; i < ops.weights.size(); ++i) grad_x.addmm_(dys[i], right_operand(ops.weights[i], layout));
+    if (stacked_weights && is_half(ops.weights[0])) {  // the output gradients side by side, one GEMM over W_cat
+      grad_x.addmm_(at::cat(dys, 1), right_operand(ops.weights[0], layout));
+    } else {  // a float32 GEMM's fixed cost is below a copy of the gradients: per layer (W_cat's rows)
+      const auto weights = stacked_weights ? ops.weights[0].split_with_sizes(layout.d_outs) : ops.weights;
+      for (size_t i = 0; i < weights.size(); ++i) grad_x.addmm_(dys[i], right_operand(weights[i], layout));
+    }
     result.grad_x = grad_x.view(x.sizes());
   }
-  if (need_base) add_base_grads(result, dys, x2, ops);
+  if (need_base) add_base_grads(result, dys, x2, ops, stacked_weights);
   return result;
 }
 
@@ -336,8 +396,16 @@ void check_args(const at::Tensor& x, at::TensorList weights, size_t n_biases, at
   TORCH_CHECK(groups > 0, "grouped_lora_cpu: lora_a must hold at least one factor");
   TORCH_CHECK(lora_b.size() == groups && scales.size() == groups,
               "grouped_lora_cpu: lora_b and scales must have one entry per factor of lora_a");
-  TORCH_CHECK((weights.size() == groups && n_biases == groups) || (weights.empty() && n_biases == 0),
-              "grouped_lora_cpu: weights and biases must have one entry per layer, or none (the LoRA terms alone)");
+  TORCH_CHECK((weights.size() == groups && n_biases == groups) || (weights.empty() && n_biases == 0) ||
+                  (weights.size() == 1 && n_biases == 1),
+              "grouped_lora_cpu: weights and biases must have one entry per layer, one stack each, or none (the "
+              "LoRA terms alone)");
+  if (weights.size() == 1 && groups > 1) {
+    int64_t rows = 0;
+    for (const auto& b : lora_b) rows += b.size(0);
+    TORCH_CHECK(weights[0].size(0) == rows, "grouped_lora_cpu: stacked weights must have sum d_out = ", rows,
+                " rows, got ", weights[0].size(0));
+  }
   TORCH_CHECK(x.device().is_cpu(), "grouped_lora_cpu: x must be a CPU tensor");
 }
 
@@ -351,6 +419,7 @@ struct State : torch::CustomClassHolder {
   std::vector<at::ScalarType> dtypes;  // each autograd input's dtype (gradients return in it)
   bool base_inputs = false;            // the base weights and biases are inputs (one of them trains)
   bool stacked = false;                // the operands are in the stacked form (wa, b_bd)
+  size_t n_weights = 0;                // base weights given: G, or 1 (stacked)
   size_t n_biases = 0;                 // present biases
 };
 
@@ -414,13 +483,14 @@ class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction
     }
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const bool stacked_weights = state->n_weights == 1 && groups > 1;
     auto result = backward_impl(grads, saved[0], saved[1], ops.a_cat, ops, state->layout, ctx->needs_input_grad(0),
-                                need_base, state->a_dtype);
+                                need_base, state->a_dtype, stacked_weights);
     variable_list out{result.grad_x};
     out.insert(out.end(), result.grad_a.begin(), result.grad_a.end());
     out.insert(out.end(), result.grad_b.begin(), result.grad_b.end());
     if (state->base_inputs) {
-      for (size_t i = 0; i < groups; ++i) out.push_back(need_base ? result.grad_w[i] : at::Tensor());
+      for (size_t i = 0; i < state->n_weights; ++i) out.push_back(need_base ? result.grad_w[i] : at::Tensor());
       for (size_t i = 0; i < state->n_biases; ++i) out.push_back(need_base ? result.grad_bias[i] : at::Tensor());
     }
     if (state->cast_to) {  // each gradient in its input's dtype, as autocast's cast nodes would give it
@@ -450,6 +520,7 @@ std::vector<at::Tensor> grouped_lora_cpu_autograd(const at::Tensor& x, at::Tenso
   if (!cast_to) state->lora_a = lora_a.vec();
   state->layout = make_layout(lora_b, scales, dropout_p, seed, column_major_half);
   state->cast_to = cast_to;
+  state->n_weights = weights.size();
   std::vector<at::Tensor> base;
   for (const auto& w : weights) state->base_inputs = state->base_inputs || w.requires_grad();
   for (const auto& b : state->ops.biases) state->base_inputs = state->base_inputs || (b && b->requires_grad());
@@ -472,7 +543,50 @@ std::vector<at::Tensor> grouped_lora_cpu_autograd(const at::Tensor& x, at::Tenso
   return GroupedLoraFunction::apply(x, lora_a, lora_b, at::TensorList(base), std::move(state));
 }
 
+// A group's call with everything but x and the dropout seed fixed once, what the fused modules run per forward:
+// the op without parsing and dispatching its ten arguments on every call (on a host-bound step that is a
+// noticeable part of a call). The same computation as the op (recorded under its name by the profiler): the
+// autograd node while grad mode is on, the plain forward under no_grad and inference_mode.
+class PreparedGroup {
+ public:
+  PreparedGroup(std::vector<at::Tensor> weights, const std::vector<std::optional<at::Tensor>>& biases,
+                std::vector<at::Tensor> lora_a, std::vector<at::Tensor> lora_b, std::vector<double> scales,
+                double dropout_p, std::optional<at::ScalarType> cast_to, bool column_major_half)
+      : weights_(std::move(weights)),
+        lora_a_(std::move(lora_a)),
+        lora_b_(std::move(lora_b)),
+        scales_(std::move(scales)),
+        dropout_p_(dropout_p),
+        cast_to_(cast_to),
+        column_major_half_(column_major_half) {
+    for (const auto& b : biases) biases_.push_back(b);
+  }
+
+  std::vector<at::Tensor> operator()(const at::Tensor& x, int64_t seed) const {
+    RECORD_FUNCTION("slora::grouped_lora_cpu", std::vector<c10::IValue>{x});
+    const auto call = at::GradMode::is_enabled() ? &grouped_lora_cpu_autograd : &grouped_lora_cpu;
+    return call(x, weights_, biases_, lora_a_, lora_b_, scales_, dropout_p_, seed, cast_to_, column_major_half_);
+  }
+
+ private:
+  std::vector<at::Tensor> weights_, lora_a_, lora_b_;
+  c10::List<std::optional<at::Tensor>> biases_;
+  std::vector<double> scales_;
+  double dropout_p_;
+  std::optional<at::ScalarType> cast_to_;
+  bool column_major_half_;
+};
+
 }  // namespace
+
+void bind_prepared_group(pybind11::module_& m) {
+  pybind11::class_<PreparedGroup>(m, "PreparedGroup")
+      .def(pybind11::init<std::vector<at::Tensor>, const std::vector<std::optional<at::Tensor>>&,
+                          std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<double>, double,
+                          std::optional<at::ScalarType>, bool>())
+      .def("__call__", &PreparedGroup::operator(), pybind11::arg("x"), pybind11::arg("seed"),
+           pybind11::call_guard<pybind11::gil_scoped_release>());
+}
 
 TORCH_LIBRARY_FRAGMENT(slora, m) {
   m.def("grouped_lora_cpu(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor[] lora_a, Tensor[] lora_b, "

@@ -117,10 +117,13 @@ TORCH_LIBRARY_IMPL(slora, CPU, m) {
   m.impl("unpack", &unpack_cpu);
 }
 
+void bind_prepared_group(pybind11::module_& m);  // grouped_lora_cpu.cpp
+
 }  // namespace slora
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "slora_kernels C++/CUDA ops; importing this module registers torch.ops.slora.*";
+  slora::bind_prepared_group(m);
   m.attr("with_cuda") =
 #ifdef SLORA_WITH_CUDA
       true;

@@ -3,8 +3,10 @@
 Eager calls run the extension's C++ op `slora::grouped_lora_cpu` (csrc/grouped_lora_cpu.cpp, `native`):
 the same computation as the bodies below, with the whole forward one call from Python and the backward
 one C++ autograd node, so no Python runs per GEMM; under autocast over weights that autocast copies anyway
-it stacks the copies (`[W; A_cat]`, a block-diagonal B) and runs fewer, larger GEMMs. The Python bodies are
-the fallback without the extension and the bodies of the torch.compile ops.
+it stacks the copies (`[W; A_cat]`, a block-diagonal B) and runs fewer, larger GEMMs. The fused modules call it
+through the extension's `PreparedGroup` (`prepared`): the same computation with its arguments fixed once, so a
+call passes x alone. The Python bodies are the fallback without the extension and the bodies of the
+torch.compile ops.
 
 Forward: S = drop(x) A_cat^T (one GEMM over the packed A), then per layer y_i = x W_i^T + b_i and
 y_i += s_i S_i B_i^T in place. Separate outputs (not column views of one buffer) spare the
@@ -31,6 +33,8 @@ _DROPOUT = torch.ops.slora.dropout.default
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 NATIVE = _extension.HAS_EXTENSION and hasattr(torch.ops.slora, "grouped_lora_cpu")
 _NATIVE_OP = torch.ops.slora.grouped_lora_cpu.default if NATIVE else None
+if NATIVE:
+    from slora_kernels._C import PreparedGroup
 
 
 def dropout(t: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -79,14 +83,14 @@ def native(layout, x, operands, seed) -> list[torch.Tensor]:
 
 
 def prepared(layout, operands, x_dtype: torch.dtype):
-    """`native` for inputs of x_dtype as a callable of x alone: everything else is fixed now, the seed drawn
-    per call when there is dropout."""
-    op, p = _NATIVE_OP, layout.dropout_p
-    head = (operands.weights, operands.biases, operands.lora_a, operands.lora_b, layout.scales, p)
-    tail = (layout.cast_to, column_major_half(x_dtype, operands.lora_a[0].dtype, layout.cast_to))
-    if p == 0.0:
-        return lambda x: op(x, *head, 0, *tail)
-    return lambda x: op(x, *head, draw_seed(), *tail)
+    """`native` for inputs of x_dtype as a callable of x alone: everything else is fixed now in the extension's
+    PreparedGroup (no per-call parsing of the op's arguments), the seed drawn per call when there is dropout."""
+    group = PreparedGroup(operands.weights, operands.biases, operands.lora_a, operands.lora_b, list(layout.scales),
+                           layout.dropout_p, layout.cast_to,
+                           column_major_half(x_dtype, operands.lora_a[0].dtype, layout.cast_to))
+    if layout.dropout_p == 0.0:
+        return functools.partial(group, seed=0)
+    return lambda x: group(x, draw_seed())
 
 
 def column_major(m: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,13 @@
 """grouped_lora's bodies for CUDA tensors: the segmented Triton kernels around cuBLAS GEMMs.
 
 Forward: S = drop(x) A_cat^T (one GEMM over the packed A); the expand kernel writes every layer's
-LoRA term (and bias) side by side into one [N, sum d_out] buffer, which one cuBLAS GEMM over the
-stacked W takes as its addend (`addmm`), so Y is written once and never re-read. Backward: dS and dB
-from one read of dY (a Triton kernel split over tokens, fp32 atomics; under
-torch.use_deterministic_algorithms per-layer GEMMs instead), dA_cat = dS^T drop(x) as one GEMM,
-dx = dY W_cat + drop(dS A_cat) as one cuBLAS GEMM with the LoRA part as its addend.
+LoRA term (and bias) side by side into one [N, sum d_out] buffer, which the base GEMMs take as their
+addend, so Y is written once: one cuBLAS GEMM over a stacked W_cat (the fused modules' cached copy of a
+small group's frozen weights) or, with the weights one per layer, one per layer into its columns (a
+strided view cuBLAS writes as it is; no weight is copied). Backward: dS and dB from one read of dY (a
+Triton kernel split over tokens, fp32 atomics; under torch.use_deterministic_algorithms per-layer GEMMs
+instead), dA_cat = dS^T drop(x) as one GEMM, dx = dY W + drop(dS A_cat) with the LoRA part as the base
+GEMMs' addend (one GEMM over W_cat, or one per layer over its columns of dY).
 
 The packed A and the flat B are built once per forward and handed to the backward; the tile table
 and scales live in the caller's layout, on the device, so a call reads nothing back from the GPU.
@@ -38,8 +40,8 @@ def _pack_a(lora_a: list[torch.Tensor]) -> torch.Tensor:
 
 
 def stacked(tensors: list[torch.Tensor | None], layout) -> torch.Tensor | None:
-    """The group's weights [sum d_out, d_in] or biases [sum d_out] as one tensor (zeros for a layer without a
-    bias; None if none has one), or the one the caller already stacked."""
+    """The group's biases [sum d_out] as one tensor (zeros for a layer without a bias; None if none has one), or
+    the one the caller already stacked."""
     if len(tensors) == 1:
         return tensors[0]
     if all(t is None for t in tensors):
@@ -66,7 +68,11 @@ def forward(layout, x, operands, seed):
     if not operands.weights:  # the LoRA terms alone, in the factors' dtype
         return [lora_expand(s, b_flat, None, layout.segments(x.device), factor_dtype)], (s, a_cat, b_flat)
     lora_term = lora_expand(s, b_flat, stacked(operands.biases, layout), layout.segments(x.device), x.dtype)
-    return [torch.addmm(lora_term, x, stacked(operands.weights, layout).t())], (s, a_cat, b_flat)
+    if len(operands.weights) == 1:  # one layer, or the caller's stacked W_cat: one GEMM with the term as addend
+        return [torch.addmm(lora_term, x, operands.weights[0].t())], (s, a_cat, b_flat)
+    for y, w in zip(lora_term.split(layout.d_outs, 1), operands.weights):  # each layer's columns, in place
+        y.addmm_(x, w.t())
+    return [lora_term], (s, a_cat, b_flat)
 
 
 def backward(layout, grads, x, weights, has_bias, lora_a, lora_b, saved, seed, need_x, need_weight, need_bias):
@@ -95,7 +101,12 @@ def backward(layout, grads, x, weights, has_bias, lora_a, lora_b, saved, seed, n
     grad_x = None
     if need_x:  # one cuBLAS GEMM with the LoRA part as its addend: dx is written once
         lora_part = dropout(torch.mm(ds, a_cat), layout.dropout_p, seed).to(x.dtype)
-        grad_x = (torch.addmm(lora_part, grad_y, stacked(weights, layout)) if weights else lora_part).view(shape)
+        if len(weights) == 1:
+            lora_part = torch.addmm(lora_part, grad_y, weights[0])
+        else:  # per layer: its columns of dY (a strided view cuBLAS reads as it is) times its weight
+            for dy, w in zip(grad_y.split(layout.d_outs, 1), weights):
+                lora_part.addmm_(dy, w)
+        grad_x = lora_part.view(shape)
     grad_w = _like(torch.mm(grad_y.t(), x), [True] * len(weights), layout) if need_weight else None
     grad_bias = _like(grad_y.sum(0), has_bias, layout) if need_bias else None
     return grad_x, grad_w, grad_bias, grad_a, grad_b
