@@ -59,7 +59,7 @@ def unsharded_copies(model) -> list[tuple]:
         shapes = [tuple(m.base_layer.weight.shape) for m in group.members]
         full = set(shapes) | {(sum(s[0] for s in shapes), shapes[0][1])}
         batches = group._plan.batches.values() if group._plan is not None else ()
-        kept = [t for batch in batches if batch._stacked is not None for t in batch._stacked.weights]
+        kept = [t for batch in batches if batch.stacked is not None for t in batch.stacked.weights]
         found += [tuple(t.shape) for t in kept if tuple(t.shape) in full]
     return found
 

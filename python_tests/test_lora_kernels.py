@@ -189,7 +189,7 @@ def test_fused_model_on_triton_path_matches_stock_peft_and_sees_weight_changes(t
     batches = {id(b): b for m in fused.modules() if isinstance(m, FusedLoraLinear)
                for b in m._slora_group._plan.batches.values()}.values()
     groups = [b for b in batches if len(b.members) > 1]
-    stacked = [b for b in batches if b._stacked_call is not None]
+    stacked = [b for b in batches if b.stacked is not None]
     assert groups and len(stacked) == (0 if stack_cache == "per layer" else len(groups))
     key = "base_model.model.bert.encoder.layer.0.attention.self.key.base_layer"
     with torch.no_grad():

@@ -90,6 +90,7 @@ class Batch:
         self.tracked = [tuple(t for t in tensors if t is not None and not t.is_inference())
                         for tensors in zip(self.weights, self.biases, self.lora_a, self.lora_b)]
         self._stack_key: tuple | None = None
+        self.stacked: Operands | None = None  # the cached W_cat / b_cat with the factors, once built
         self._stacked_call = None
 
     def _weights(self) -> list[torch.Tensor]:
@@ -100,7 +101,7 @@ class Batch:
         if self.mode != "gemm":
             return self._run_with_base_layers(x)
         if self.caches_stack and not any(map(_requires_grad, self._stack_sources)):
-            return self._stacked()(x)
+            return self._stacked_call_now()(x)
         if self.conv1d:  # a view made now follows the parameter even if its storage was swapped
             return run_group(self.layout, x, Operands(self._weights(), self.biases, self.lora_a, self.lora_b))
         return self.call(x)
@@ -117,7 +118,7 @@ class Batch:
             return [r + t for r, t in zip(results, terms)]
         return [r + t.to(r.dtype) for r, t in zip(results, terms)]
 
-    def _stacked(self):
+    def _stacked_call_now(self):
         """The group's call over its stacked frozen weights and biases, rebuilt when any of them changed (in place,
         or its storage swapped, as `module.to()` does)."""
         sources = self._stack_sources
@@ -130,8 +131,8 @@ class Batch:
                 if any(b is not None for b in self.biases):
                     b_cat = torch.cat([w.new_zeros(w.shape[0]) if b is None else b
                                        for w, b in zip(weights, self.biases)])
-            operands = Operands([w_cat], [b_cat], self.lora_a, self.lora_b)
-            self._stacked_call, self._stack_key = prepare(self.layout, operands, self._like), key
+            self.stacked = Operands([w_cat], [b_cat], self.lora_a, self.lora_b)
+            self._stacked_call, self._stack_key = prepare(self.layout, self.stacked, self._like), key
         return self._stacked_call
 
 
