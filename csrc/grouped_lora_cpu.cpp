@@ -26,7 +26,7 @@
 // weights and biases come one per layer, or (G > 1) each as one stack: W_cat [sum d_out, d_in] and b_cat [sum d_out]
 // (zeros for a layer without a bias), the caller's cached copy of frozen weights. Then the base outputs of the group
 // are one GEMM, and so is the base part of dx in half precision (over the output gradients side by side: a bf16
-// GEMM costs ~20 us at small shapes on CPU, a float32 one less than that copy).
+// GEMM costs ~20 us at small shapes on CPU; in float32 the copy costs what it saves).
 // column_major_half: feed half-precision right operands column-major (a copy), for CPUs whose
 // half-precision GEMM is slow on row-major ones (decided by a measurement in Python). The autograd node
 // takes x, the factors and (only when one trains) the base tensors as inputs; the rest of the call's state
@@ -380,7 +380,7 @@ Backward backward_impl(const variable_list& grads, const at::Tensor& x, const at
     if (grad_x.scalar_type() != x.scalar_type()) grad_x = grad_x.to(x.scalar_type());
     if (stacked_weights && is_half(ops.weights[0])) {  // the output gradients side by side, one GEMM over W_cat
       grad_x.addmm_(at::cat(dys, 1), right_operand(ops.weights[0], layout));
-    } else {  // a float32 GEMM's fixed cost is below a copy of the gradients: per layer (W_cat's rows)
+    } else {  // float32: a GEMM per layer (W_cat's rows) measured as fast as copying the gradients side by side
       const auto weights = stacked_weights ? ops.weights[0].split_with_sizes(layout.d_outs) : ops.weights;
       for (size_t i = 0; i < weights.size(); ++i) grad_x.addmm_(dys[i], right_operand(weights[i], layout));
     }

@@ -69,13 +69,13 @@ class Batch:
         # A copy of the frozen base weights stacked, W_cat [sum d_out, d_in] (and b_cat), kept while they are
         # unchanged: the group's base outputs are then one GEMM, and so is the base part of dx. It pays where a
         # GEMM's fixed cost is most of its time: small layers, on CUDA (a launch) and on CPU in half precision
-        # (a bf16 GEMM costs ~20 us whatever its size there; under autocast the stack is also copied once instead
-        # of each weight), not for CPU float32 GEMMs (3-6 us: measured no faster). Only groups whose weights take
+        # (a bf16 GEMM costs ~20 us whatever its size there), not for CPU float32 weights (3-6 us GEMMs; measured
+        # no faster, nor under autocast, which copies them per call anyway). Only groups whose weights take
         # at most STACK_CACHE_BYTES keep one: a large model's weights are never held twice. Never for weights FSDP
         # manages (it frees their unsharded copies after each forward) or for base tensors that train (checked
         # per call: their gradients must reach them) or have no version counter.
         sources = [t for t in (*self.weights, *self.biases) if t is not None]
-        gemm_cost_pays = stacks_outputs(x) or cast_to is not None or x.dtype in HALF_DTYPES
+        gemm_cost_pays = stacks_outputs(x) or x.dtype in HALF_DTYPES
         self.caches_stack = (gemm and gemm_cost_pays and len(members) > 1
                              and not any(fsdp_managed(b) for b in self.bases)
                              and not any(t.is_inference() for t in sources)

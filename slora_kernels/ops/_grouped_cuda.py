@@ -39,7 +39,7 @@ def _pack_a(lora_a: list[torch.Tensor]) -> torch.Tensor:
     return torch.ops.slora.pack(lora_a, offsets, total_rows)
 
 
-def stacked(tensors: list[torch.Tensor | None], layout) -> torch.Tensor | None:
+def stacked_biases(tensors: list[torch.Tensor | None], layout) -> torch.Tensor | None:
     """The group's biases [sum d_out] as one tensor (zeros for a layer without a bias; None if none has one), or
     the one the caller already stacked."""
     if len(tensors) == 1:
@@ -67,7 +67,7 @@ def forward(layout, x, operands, seed):
     s = torch.mm(dropout(xf, layout.dropout_p, seed), a_cat.t())
     if not operands.weights:  # the LoRA terms alone, in the factors' dtype
         return [lora_expand(s, b_flat, None, layout.segments(x.device), factor_dtype)], (s, a_cat, b_flat)
-    lora_term = lora_expand(s, b_flat, stacked(operands.biases, layout), layout.segments(x.device), x.dtype)
+    lora_term = lora_expand(s, b_flat, stacked_biases(operands.biases, layout), layout.segments(x.device), x.dtype)
     if len(operands.weights) == 1:  # one layer, or the caller's stacked W_cat: one GEMM with the term as addend
         return [torch.addmm(lora_term, x, operands.weights[0].t())], (s, a_cat, b_flat)
     for y, w in zip(lora_term.split(layout.d_outs, 1), operands.weights):  # each layer's columns, in place
