@@ -124,17 +124,10 @@ def test_mixed_conv1d_and_linear_group(path):
     group = fused.get_submodule("base_model.model.q")._slora_group
     assert [type(m.base_layer) for m in group.members] == [Conv1D, torch.nn.Linear]
     assert_same(step(fused), step(stock))
-    if path == "triton":  # W_cat = [W_q^T; W_k], stacked once and reused while the weights are unchanged
-        batch = group._plan.batches[id(group.members[0])]
-        stacked = batch.stacked.weights[0]
-        q, k = (fused.get_submodule(f"base_model.model.{n}.base_layer").weight for n in ("q", "k"))
-        assert torch.equal(stacked, torch.cat([q.t(), k]))
-        assert_same(step(fused), step(stock))
-        assert batch.stacked.weights[0] is stacked
-        with torch.no_grad():
-            for model in (fused, stock):
-                model.get_submodule("base_model.model.q.base_layer").weight.mul_(-2.0)
-        assert_same(step(fused), step(stock))
+    with torch.no_grad():  # the op reads the weights themselves on every call (no copy kept)
+        for model in (fused, stock):
+            model.get_submodule("base_model.model.q.base_layer").weight.data.mul_(-2.0)
+    assert_same(step(fused), step(stock))
     assert fusion_stats(fused).fallback == {}
 
 

@@ -4,8 +4,9 @@ Fusing changes the class of each supported PEFT LoRA layer to its fused subclass
 adapter state are the same objects), so state_dict keys, `save_pretrained`, optimizers already holding the
 parameters and PEFT's adapter API keep working. Supported: PEFT's LoRA Linear (over nn.Linear, GPT-2's Conv1D
 or another Linear) and its bitsandbytes 4-bit and 8-bit layers (QLoRA). Groups are found from the model itself:
-one probe forward (eval mode, no grad) records the input tensor of every LoRA layer, and layers whose input is
-the very same tensor form a group (q/k/v, gate/up in BERT/RoBERTa, Llama and most transformers).
+one probe forward (eval mode, no grad) records the input tensor of every LoRA layer, and layers of one parent
+module whose input is the very same tensor form a group (q/k/v, gate/up in BERT/RoBERTa, Llama and most
+transformers).
 """
 from __future__ import annotations
 
@@ -68,13 +69,13 @@ def fuse(peft_model: nn.Module, example_inputs: Mapping[str, Any] | None = None)
         more = f"; and {len(skipped) - SHOWN} more" if len(skipped) > SHOWN else ""
         warnings.warn(f"slora_kernels.fuse left {len(skipped)} LoRA layer(s) as stock PEFT layers: {shown}{more}",
                       stacklevel=2)
-    recorder = FusionRecorder({id(module): name for name, module in layers.items()})
+    recorder = FusionRecorder(list(layers))
     for names in _shared_input_groups(peft_model, layers, example_inputs):
         members = [layers[n] for n in names]
         group = LoraGroup(members, recorder)
-        for module in members:
+        for name, module in zip(names, members):
             module.__class__ = fused_class(type(module))
-            module._slora_group = group
+            module._slora_group, module._slora_name = group, name
     return peft_model
 
 
@@ -83,7 +84,7 @@ def unfuse(peft_model: nn.Module) -> nn.Module:
     for module in peft_model.modules():
         if isinstance(module, FusedLoraLayer):
             module.__class__ = module._slora_stock
-            del module._slora_group
+            del module._slora_group, module._slora_name
     peft_model.__dict__.pop("_slora_left_to_peft", None)
     return peft_model
 
@@ -161,8 +162,11 @@ def _shared_input_groups(model: nn.Module, layers: dict[str, LoraLayer],
     groups: dict[tuple, list[str]] = {}
     for name, module in layers.items():
         calls = seen[name]
-        # A layer called more than once (or never) is not part of a fixed sharing pattern: alone.
-        key = (id(calls[0]), _dropouts(module)) if len(calls) == 1 else (name,)
+        # A layer called more than once (or never) is not part of a fixed sharing pattern: alone. Layers of
+        # different parents never group, even on one input (BART's cross-attention reads the encoder's states in
+        # every decoder layer): a group must lie within the block that checkpointing or FSDP wraps.
+        parent = name.rpartition(".")[0]
+        key = (id(calls[0]), parent, _dropouts(module)) if len(calls) == 1 else (name,)
         groups.setdefault(key, []).append(name)
     return list(groups.values())
 

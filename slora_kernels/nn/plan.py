@@ -14,8 +14,6 @@ import torch
 from torch import nn
 
 from slora_kernels.layers import is_conv1d, linear_weight
-from slora_kernels.ops._grouped_cpu import HALF_DTYPES
-from slora_kernels.ops._grouped_cuda import stacks_outputs
 from slora_kernels.ops.grouped_lora import GroupLayout, Operands, prepare, run_group
 from slora_kernels.nn.watch import LayerWatch, hooked
 
@@ -32,10 +30,6 @@ def fsdp_managed(module: nn.Module) -> bool:
 
 
 _version_of = operator.attrgetter("_version")
-_requires_grad = operator.attrgetter("requires_grad")
-_data_ptr = torch.Tensor.data_ptr
-# The most bytes of base weights a group keeps a stacked copy of (see `Batch`).
-STACK_CACHE_BYTES = 1 << 20
 
 
 def version_sum(tensors: tuple) -> int:
@@ -56,6 +50,8 @@ class Batch:
         adapter, dropout_p, _, cast_to, self.mode = fused_key
         self.members, self.fused_key = members, fused_key
         self.position = {id(m): i for i, m in enumerate(members)}
+        # Members with hooks of their own run user code between their calls: no outputs kept across it.
+        self.shares = not any(map(has_hooks, members))
         self.bases = [m.base_layer for m in members]
         self.weights = [b.weight for b in self.bases]
         self.biases = [getattr(b, "bias", None) for b in self.bases]
@@ -66,32 +62,16 @@ class Batch:
         self.conv1d = gemm and any(is_conv1d(b) for b in self.bases)
         self.operands = (Operands(self._weights(), self.biases, self.lora_a, self.lora_b) if gemm
                          else Operands([], [], self.lora_a, self.lora_b))
-        # A copy of the frozen base weights stacked, W_cat [sum d_out, d_in] (and b_cat), kept while they are
-        # unchanged: the group's base outputs are then one GEMM, and so is the base part of dx. It pays where a
-        # GEMM's fixed cost is most of its time: small layers, on CUDA (a launch) and on CPU in half precision
-        # (a bf16 GEMM costs ~20 us whatever its size there), not for CPU float32 weights (3-6 us GEMMs; measured
-        # no faster, nor under autocast, which copies them per call anyway). Only groups whose weights take
-        # at most STACK_CACHE_BYTES keep one: a large model's weights are never held twice. Never for weights FSDP
-        # manages (it frees their unsharded copies after each forward) or for base tensors that train (checked
-        # per call: their gradients must reach them) or have no version counter.
-        sources = [t for t in (*self.weights, *self.biases) if t is not None]
-        gemm_cost_pays = stacks_outputs(x) or x.dtype in HALF_DTYPES
-        self.caches_stack = (gemm and gemm_cost_pays and len(members) > 1
-                             and not any(fsdp_managed(b) for b in self.bases)
-                             and not any(t.is_inference() for t in sources)
-                             and sum(w.numel() * w.element_size() for w in self.weights) <= STACK_CACHE_BYTES)
-        self._stack_sources = tuple(sources)
-        self._like = x.new_empty(0)  # the dtype and device a stacked call is prepared for
-        self.call = prepare(self.layout, self.operands, x)
+        # No copy of the frozen weights is kept (a stacked W_cat would save GEMM launches on small groups): writes
+        # through `.data` or another alias reach a parameter without bumping its version counter, so nothing cheap
+        # could prove such a copy current. The op reads the parameters themselves on every call.
+        self.call, self.backward_calls = prepare(self.layout, self.operands, x)
         # `run`, or straight the prepared call when run would only forward to it (the common case: one less frame).
-        self.compute = self.call if gemm and not self.caches_stack and not self.conv1d else self.run
+        self.compute = self.call if gemm and not self.conv1d else self.run
         # Per member, the tensors whose in-place changes make an output computed for it stale (an inference tensor
         # has no version counter: none is kept for it).
         self.tracked = [tuple(t for t in tensors if t is not None and not t.is_inference())
                         for tensors in zip(self.weights, self.biases, self.lora_a, self.lora_b)]
-        self._stack_key: tuple | None = None
-        self.stacked: Operands | None = None  # the cached W_cat / b_cat with the factors, once built
-        self._stacked_call = None
 
     def _weights(self) -> list[torch.Tensor]:
         """The base weights as [d_out, d_in]: Conv1D stores [d_in, d_out], read through a transposed view."""
@@ -100,8 +80,6 @@ class Batch:
     def run(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.mode != "gemm":
             return self._run_with_base_layers(x)
-        if self.caches_stack and not any(map(_requires_grad, self._stack_sources)):
-            return self._stacked_call_now()(x)
         if self.conv1d:  # a view made now follows the parameter even if its storage was swapped
             return run_group(self.layout, x, Operands(self._weights(), self.biases, self.lora_a, self.lora_b))
         return self.call(x)
@@ -117,23 +95,6 @@ class Batch:
         if torch.is_autocast_enabled():
             return [r + t for r, t in zip(results, terms)]
         return [r + t.to(r.dtype) for r, t in zip(results, terms)]
-
-    def _stacked_call_now(self):
-        """The group's call over its stacked frozen weights and biases, rebuilt when any of them changed (in place,
-        or its storage swapped, as `module.to()` does)."""
-        sources = self._stack_sources
-        key = (version_sum(sources), tuple(map(_data_ptr, sources)))
-        if key != self._stack_key:
-            weights = self._weights()
-            with torch.no_grad():
-                w_cat = torch.cat(weights)
-                b_cat = None
-                if any(b is not None for b in self.biases):
-                    b_cat = torch.cat([w.new_zeros(w.shape[0]) if b is None else b
-                                       for w, b in zip(weights, self.biases)])
-            self.stacked = Operands([w_cat], [b_cat], self.lora_a, self.lora_b)
-            self._stacked_call, self._stack_key = prepare(self.layout, self.stacked, self._like), key
-        return self._stacked_call
 
 
 class GroupPlan:

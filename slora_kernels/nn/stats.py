@@ -10,11 +10,16 @@ PEFT computes; the reasons, by name:
 - "variant": a LoRA variant (DoRA, ...) or lora_bias on the active adapter
 - "dtype": dtypes the op does not combine (x unlike the base weight outside autocast, A unlike B,
   or PEFT's input casting disabled while x and the factors differ)
-- "dropout": a lora_dropout module other than torch.nn.Dropout / Identity
+- "dropout": a lora_dropout module other than torch.nn.Dropout / Identity, or p = 1 in training mode
 - "arguments": extra forward arguments, e.g. PEFT's mixed-batch `adapter_names`
-- "hooks": forward hooks (or an accelerate hook) on base_layer, lora_A or lora_B, which the fused
-  op, reading their weights directly, would skip; or FSDP2's `fully_shard` applied to the LoRA layer
-  itself (its group-mates' weights, in FSDP units of their own, are still sharded when it runs)
+- "hooks": hooks of any kind (forward, forward pre-, full backward, backward pre-, or an accelerate hook)
+  on base_layer, lora_A, lora_B or lora_dropout, which the fused op, reading their weights directly, would
+  skip; a global module hook (`torch.nn.modules.module.register_module_forward_hook` and its kin), which
+  sends every layer there while registered; or FSDP2's `fully_shard` applied to the LoRA layer itself (its
+  group-mates' weights, in FSDP units of their own, are still sharded when it runs)
+- "scaling": a tensor-valued scale (PEFT's hotswap preparation), which may change in place
+- "parametrized": a lora_A / lora_B whose weight is not a registered tensor (a parametrization, an attribute)
+- "torch.func": a torch.func transform (grad, vmap, ...) is active
 
 Calls traced by torch.compile are not counted: a Python counter inside a compiled region would be
 frozen into the graph (or force a recompile on every call).
@@ -54,28 +59,28 @@ class FusionStats:
 
 
 class FusionRecorder:
-    """The live counters of one fused model, shared by all its groups; warns once per fallback
-    reason seen on a layer's first call (a layer that is never fused as set up)."""
+    """The live counters of one fused model, shared by all its groups; warns once per fallback reason seen on a
+    layer's first call (a layer that is never fused as set up). Layers are known by the names `fuse` gave them
+    (`_slora_name`), so a copy of the model (deepcopy, pickle) keeps counting with a copy of its recorder."""
 
-    def __init__(self, layer_names: dict[int, str]):
-        self.layer_names = layer_names
+    def __init__(self, layer_names: list[str]):
         self.stats = FusionStats()
         self._not_yet_called = set(layer_names)
         self._warned: set[str] = set()
 
     def fused(self, layer: object) -> None:
         self.stats.fused += 1
-        self._not_yet_called.discard(id(layer))
+        self._not_yet_called.discard(layer._slora_name)
 
     def fell_back(self, layer: object, reason: str) -> None:
         self.stats.fallback[reason] = self.stats.fallback.get(reason, 0) + 1
-        if id(layer) in self._not_yet_called:
-            self._not_yet_called.discard(id(layer))
+        name = layer._slora_name
+        if name in self._not_yet_called:
+            self._not_yet_called.discard(name)
             if reason not in self._warned:
                 self._warned.add(reason)
-                warnings.warn(f"slora_kernels: {self.layer_names[id(layer)]} runs PEFT's own forward, not the "
-                              f"fused one ({reason}); slora_kernels.fusion_stats(model) counts every fallback",
-                              stacklevel=4)
+                warnings.warn(f"slora_kernels: {name} runs PEFT's own forward, not the fused one ({reason}); "
+                              "slora_kernels.fusion_stats(model) counts every fallback", stacklevel=4)
 
     def snapshot(self, reset: bool = False, left_to_peft: dict[str, int] | None = None) -> FusionStats:
         stats = FusionStats(self.stats.fused, dict(self.stats.fallback), dict(left_to_peft or {}))

@@ -2,9 +2,10 @@
 
 A plan's decisions for a layer (PEFT's forward or the fused one, and which batch and layout) depend on
 the layer's adapter state (active adapter, disabled, merged, input casting, scale, LoRA variant or bias)
-and on its submodules (base layer and factors: identity, hooks, FSDP, parameters; the dropout module and
-its mode). `LayerWatch` records those when the plan is built, keeping references to the dictionaries it
-reads them from, and `matches` reads them again and compares, stopping at the first difference:
+and on its submodules (base layer, factors and dropout: identity, hooks, FSDP, parameters; the dropout's
+mode), and on whether the layer itself has hooks. `LayerWatch` records those when the plan is built, keeping
+references to the dictionaries it reads them from, and `matches` reads them again and compares, stopping at
+the first difference:
 identity for objects (modules, parameters, and the active-adapter value, which PEFT assigns anew on every
 change), equality for flags and the scale. Tensors are compared by identity only; their dtype, storage
 and requires_grad are read by the op itself on every call. On a large model a layer's attributes are
@@ -17,9 +18,11 @@ from torch import nn
 
 
 def hooked(attributes: dict) -> bool:
-    """Whether the module with these attributes runs code besides its forward: forward (pre-)hooks, or a
-    forward replaced on the instance (accelerate's hooks, e.g. device_map offload, replace it)."""
-    return bool(attributes["_forward_hooks"] or attributes["_forward_pre_hooks"] or "forward" in attributes)
+    """Whether the module with these attributes runs code besides its forward when called: forward (pre-)hooks,
+    full backward (pre-)hooks, or a forward replaced on the instance (accelerate's hooks, e.g. device_map
+    offload, replace it)."""
+    return bool(attributes["_forward_hooks"] or attributes["_forward_pre_hooks"] or attributes["_backward_hooks"]
+                or attributes["_backward_pre_hooks"] or "forward" in attributes)
 
 
 def _dropout_mode(attributes: dict) -> tuple:
@@ -51,21 +54,20 @@ def _same(seen: _Submodule, module: nn.Module | None) -> bool:
     if module is None:
         return True
     attributes, params = seen.attributes, seen.params
-    return (bool(attributes["_forward_hooks"] or attributes["_forward_pre_hooks"] or "forward" in attributes)
-            is seen.hooked and attributes.get("_is_fsdp_managed_module", False) is seen.fsdp
+    return (hooked(attributes) is seen.hooked and attributes.get("_is_fsdp_managed_module", False) is seen.fsdp
             and params.get("weight") is seen.weight and params.get("bias") is seen.bias)
 
 
 class LayerWatch:
     """One fused layer's state as its group's plan saw it (see the module docstring)."""
 
-    __slots__ = ("cls", "attributes", "modules", "active", "adapter", "disabled", "merged", "cast_input", "scale",
-                 "variant", "lora_bias", "dicts", "base", "lora_a", "lora_b", "dropout", "dropout_attributes",
-                 "dropout_mode")
+    __slots__ = ("cls", "attributes", "modules", "own_hooks", "active", "adapter", "disabled", "merged", "cast_input",
+                 "scale", "variant", "lora_bias", "dicts", "base", "lora_a", "lora_b", "dropout", "dropout_mode")
 
     def __init__(self, layer):
         attributes = layer.__dict__
         self.cls, self.attributes, self.modules = layer.__class__, attributes, attributes["_modules"]
+        self.own_hooks = hooked(attributes)  # the layer's own: user code that runs between members' calls
         self.active = layer._active_adapter
         adapter = self.active if isinstance(self.active, str) else tuple(self.active)
         self.adapter = adapter if isinstance(adapter, str) or len(adapter) != 1 else adapter[0]
@@ -80,9 +82,8 @@ class LayerWatch:
         self.base = _Submodule(self.modules["base_layer"])
         (_, a), (_, b), (_, dropout) = self.dicts
         self.lora_a, self.lora_b = _Submodule(a.get(self.adapter)), _Submodule(b.get(self.adapter))
-        self.dropout = dropout.get(self.adapter)
-        self.dropout_attributes = None if self.dropout is None else self.dropout.__dict__
-        self.dropout_mode = None if self.dropout is None else _dropout_mode(self.dropout_attributes)
+        self.dropout = _Submodule(dropout.get(self.adapter))
+        self.dropout_mode = None if self.dropout.module is None else _dropout_mode(self.dropout.attributes)
 
     def matches(self, layer) -> bool:
         """Whether layer still is as recorded (compared in order of how often each thing changes)."""
@@ -92,7 +93,8 @@ class LayerWatch:
                 or attributes.get("cast_input_dtype_enabled", True) is not self.cast_input
                 or attributes["scaling"].get(adapter) != self.scale
                 or (adapter in attributes["lora_variant"]) is not self.variant
-                or attributes["lora_bias"].get(adapter, False) != self.lora_bias):
+                or attributes["lora_bias"].get(adapter, False) != self.lora_bias
+                or hooked(attributes) is not self.own_hooks):
             return False
         modules = self.modules
         (dict_a, entries_a), (dict_b, entries_b), (dict_dropout, entries_dropout) = self.dicts
@@ -100,8 +102,8 @@ class LayerWatch:
                 or modules["lora_dropout"] is not dict_dropout):
             return False
         dropout = entries_dropout.get(adapter)
-        if dropout is not self.dropout or (dropout is not None
-                                           and _dropout_mode(self.dropout_attributes) != self.dropout_mode):
+        if not _same(self.dropout, dropout) or (dropout is not None
+                                                and _dropout_mode(self.dropout.attributes) != self.dropout_mode):
             return False
         return (_same(self.base, modules["base_layer"]) and _same(self.lora_a, entries_a.get(adapter))
                 and _same(self.lora_b, entries_b.get(adapter)))

@@ -2,12 +2,11 @@
 
 Forward: S = drop(x) A_cat^T (one GEMM over the packed A); the expand kernel writes every layer's
 LoRA term (and bias) side by side into one [N, sum d_out] buffer, which the base GEMMs take as their
-addend, so Y is written once: one cuBLAS GEMM over a stacked W_cat (the fused modules' cached copy of a
-small group's frozen weights) or, with the weights one per layer, one per layer into its columns (a
-strided view cuBLAS writes as it is; no weight is copied). Backward: dS and dB from one read of dY (a
+addend, so Y is written once: one cuBLAS GEMM per layer into its columns (a strided view cuBLAS writes as
+it is; no weight is copied). Backward: dS and dB from one read of dY (a
 Triton kernel split over tokens, fp32 atomics; under torch.use_deterministic_algorithms per-layer GEMMs
 instead), dA_cat = dS^T drop(x) as one GEMM, dx = dY W + drop(dS A_cat) with the LoRA part as the base
-GEMMs' addend (one GEMM over W_cat, or one per layer over its columns of dY).
+GEMMs' addend (one per layer over its columns of dY).
 
 The packed A and the flat B are built once per forward and handed to the backward; the tile table
 and scales live in the caller's layout, on the device, so a call reads nothing back from the GPU.
@@ -40,8 +39,7 @@ def _pack_a(lora_a: list[torch.Tensor]) -> torch.Tensor:
 
 
 def stacked_biases(tensors: list[torch.Tensor | None], layout) -> torch.Tensor | None:
-    """The group's biases [sum d_out] as one tensor (zeros for a layer without a bias; None if none has one), or
-    the one the caller already stacked."""
+    """The group's biases [sum d_out] as one tensor (zeros for a layer without a bias; None if none has one)."""
     if len(tensors) == 1:
         return tensors[0]
     if all(t is None for t in tensors):
@@ -68,7 +66,7 @@ def forward(layout, x, operands, seed):
     if not operands.weights:  # the LoRA terms alone, in the factors' dtype
         return [lora_expand(s, b_flat, None, layout.segments(x.device), factor_dtype)], (s, a_cat, b_flat)
     lora_term = lora_expand(s, b_flat, stacked_biases(operands.biases, layout), layout.segments(x.device), x.dtype)
-    if len(operands.weights) == 1:  # one layer, or the caller's stacked W_cat: one GEMM with the term as addend
+    if len(operands.weights) == 1:  # one layer: one GEMM with the term as addend
         return [torch.addmm(lora_term, x, operands.weights[0].t())], (s, a_cat, b_flat)
     for y, w in zip(lora_term.split(layout.d_outs, 1), operands.weights):  # each layer's columns, in place
         y.addmm_(x, w.t())
@@ -77,7 +75,7 @@ def forward(layout, x, operands, seed):
 
 def backward(layout, grads, x, weights, has_bias, lora_a, lora_b, saved, seed, need_x, need_weight, need_bias):
     """(dx, dW, db, [dA_i], [dB_i]) from the one [N, sum d_out] output gradient; dW and db one per tensor
-    given in weights / biases (per layer, or the stacked one), None where not needed. saved: the forward's
+    per layer, None where not needed. saved: the forward's
     (S, A_cat, B_flat), or (S,) alone (the factors are packed again)."""
     s, *packed = saved
     a_cat, b_flat = packed or pack_factors(lora_a, lora_b)
@@ -113,10 +111,7 @@ def backward(layout, grads, x, weights, has_bias, lora_a, lora_b, saved, seed, n
 
 
 def _like(grad: torch.Tensor, present: Sequence[bool], layout) -> list[torch.Tensor | None]:
-    """A stacked gradient as one per input tensor: itself for a stacked input, else split per layer (None for a
-    layer whose tensor is absent)."""
-    if len(present) == 1:
-        return [grad]
+    """The group's gradient [sum d_out, ...] split per layer (None for a layer whose tensor is absent)."""
     return [g if has else None for g, has in zip(grad.split(layout.d_outs), present)]
 
 
