@@ -197,7 +197,7 @@ def test_prepared_call_is_the_op_with_its_arguments_fixed(cpu_op, p):
     for t in (x, *lora_a, *lora_b):
         t.requires_grad_(True)
     layout = GroupLayout.of(lora_b, scales, p)
-    call = prepare(layout, Operands(weights, biases, lora_a, lora_b), x)
+    call, _ = prepare(layout, Operands(weights, biases, lora_a, lora_b), x)
     torch.manual_seed(0)  # the dropout seed is drawn from torch's RNG per call, as run_group draws it
     with torch.profiler.profile() as profile:
         got = call(x)
@@ -221,9 +221,10 @@ def test_prepared_call_is_the_op_with_its_arguments_fixed(cpu_op, p):
 
 
 def test_eager_calls_run_one_autograd_node_under_autocast_too():
-    """Eager calls run the op bodies in one light autograd.Function node, under autocast too (the casts
-    happen inside it): no custom-op wrapping, no cast or view nodes around it, each of which would cost
-    host time on every layer of every step."""
+    """Eager calls run the op bodies in one light autograd.Function node, under autocast too (the factors' and
+    weights' casts happen inside it): no custom-op wrapping, no view nodes around it, each of which would cost
+    host time on every layer of every step. Under autocast a float32 x's cast is the one recorded node before
+    it, so the x the node saves stays connected to x's graph (second-order gradients need it)."""
     x, weights, biases, lora_a, lora_b, scales = random_group(random.Random(12), torch.float32)
     x = x.reshape(2, -1, x.shape[-1]).requires_grad_(True)  # leading dims folded inside the op
     for t in lora_a:
@@ -231,9 +232,14 @@ def test_eager_calls_run_one_autograd_node_under_autocast_too():
     (eager, *_) = grouped_lora(x, weights, biases, lora_a, lora_b, scales)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         (cast, *_) = grouped_lora(x, weights, biases, lora_a, lora_b, scales)
-    for y in (eager, cast):
+    for y, recorded_cast in ((eager, False), (cast, True)):
         assert "GroupedLora" in y.grad_fn.name()  # the C++ op's node, or the Python Function's without it
-        assert {type(f).__name__ for f, _ in y.grad_fn.next_functions if f is not None} == {"AccumulateGrad"}
+        (x_node, _), *factor_edges = y.grad_fn.next_functions
+        if recorded_cast:
+            assert x_node.name() == "ToCopyBackward0"
+            x_node = x_node.next_functions[0][0]
+        assert x_node.variable is x
+        assert {type(f).__name__ for f, _ in factor_edges if f is not None} == {"AccumulateGrad"}
     assert eager.shape[:-1] == cast.shape[:-1] == x.shape[:-1] and not eager._is_view()
 
 

@@ -84,13 +84,15 @@ def native(layout, x, operands, seed) -> list[torch.Tensor]:
 
 def prepared(layout, operands, x_dtype: torch.dtype):
     """`native` for inputs of x_dtype as a callable of x alone: everything else is fixed now in the extension's
-    PreparedGroup (no per-call parsing of the op's arguments), the seed drawn per call when there is dropout."""
+    PreparedGroup (no per-call parsing of the op's arguments), the seed drawn per call when there is dropout; and
+    the count of backwards its autograd nodes have run."""
     group = PreparedGroup(operands.weights, operands.biases, operands.lora_a, operands.lora_b, list(layout.scales),
                            layout.dropout_p, layout.cast_to,
                            column_major_half(x_dtype, operands.lora_a[0].dtype, layout.cast_to))
+    backward_calls = functools.partial(getattr, group, "backward_calls", 0)  # TEMP until the C++ counter lands
     if layout.dropout_p == 0.0:
-        return functools.partial(group, seed=0)
-    return lambda x: group(x, draw_seed())
+        return functools.partial(group, seed=0), backward_calls
+    return (lambda x: group(x, draw_seed())), backward_calls
 
 
 def column_major(m: torch.Tensor) -> torch.Tensor:
@@ -107,15 +109,6 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
-def _per_layer(tensors: list, layout, dim: int = 0) -> list:
-    """Weights or biases one per layer, given so or as the group's one stacked tensor (split into views)."""
-    if len(tensors) == len(layout.ranks) or not tensors:
-        return tensors
-    if tensors[0] is None:
-        return [None] * len(layout.ranks)
-    return tensors[0].split(layout.d_outs, dim)
-
-
 def forward(layout, x, operands, seed):
     """([y_0 .. y_{G-1}], (S,)): outputs [..., d_out_i] shaped like x (not views, so callers may modify them
     in place) in x's dtype; S [N, R] in the factors' dtype, the one tensor the backward needs saved besides x."""
@@ -130,7 +123,7 @@ def forward(layout, x, operands, seed):
         return [F.linear(s_i.view(*lead, s_i.shape[1]), b_i).mul_(scale)
                 for s_i, b_i, scale in zip(s_parts, operands.lora_b, layout.scales)], (s,)
     ys = []
-    layers = zip(_per_layer(operands.weights, layout), _per_layer(operands.biases, layout), s_parts, operands.lora_b,
+    layers = zip(operands.weights, operands.biases, s_parts, operands.lora_b,
                  layout.scales)
     for w, b, s_i, b_i, scale in layers:
         w_t, b_t = w.t(), b_i.t()
@@ -172,15 +165,12 @@ def backward(layout, grads, x, weights, has_bias, lora_a, lora_b, saved, seed, n
         grad_x = dropout(torch.mm(ds, column_major(a_cat) if reorder else a_cat), layout.dropout_p, seed)
         grad_x = grad_x if grad_x.dtype == x.dtype else grad_x.to(x.dtype)
         reorder_base = column_major_half(x.dtype)
-        for dy, w in zip(grads, _per_layer(weights, layout)):
+        for dy, w in zip(grads, weights):
             grad_x.addmm_(dy, column_major(w) if reorder_base else w)
         grad_x = grad_x.view(x.shape)
     grad_w = grad_bias = None
     if need_weight:
         grad_w = [torch.mm(dy.t(), flat) for dy in grads]
-        grad_w = grad_w if len(weights) == len(grads) else [torch.cat(grad_w)]
     if need_bias:
-        grad_bias = [dy.sum(0) for dy in grads]
-        grad_bias = [g if has else None for g, has in zip(grad_bias, has_bias)] if len(has_bias) == len(grads) else [
-            torch.cat(grad_bias)]
+        grad_bias = [dy.sum(0) if has else None for dy, has in zip(grads, has_bias)]
     return grad_x, grad_w, grad_bias, grad_a, grad_b

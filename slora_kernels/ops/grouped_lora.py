@@ -28,6 +28,7 @@ dropout_p == 0; drawing a seed from torch's global RNG is a `.item()`).
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -42,13 +43,14 @@ class GroupLayout:
     dropout probability and the autocast dtype every input is cast to (None outside autocast). Holds the
     Triton tile tables of the group on each device it ran on."""
 
-    __slots__ = ("ranks", "d_outs", "scales", "dropout_p", "cast_to", "_segments")
+    __slots__ = ("ranks", "d_outs", "scales", "dropout_p", "cast_to", "_segments", "backward_calls")
 
     def __init__(self, ranks: Sequence[int], d_outs: Sequence[int], scales: Sequence[float], dropout_p: float = 0.0,
                  cast_to: torch.dtype | None = None):
         self.ranks, self.d_outs = tuple(ranks), tuple(d_outs)
         self.scales, self.dropout_p, self.cast_to = tuple(float(s) for s in scales), float(dropout_p), cast_to
         self._segments = {}
+        self.backward_calls = 0  # backwards run by nodes of calls with this layout (see `prepare`)
 
     @classmethod
     def of(cls, lora_b: Sequence[torch.Tensor], scales: Sequence[float], dropout_p: float = 0.0,
@@ -77,8 +79,8 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 
 class Operands:
-    """The tensors of one grouped call besides x: base weights [d_out, d_in] and biases (one per layer, or
-    CUDA's stacked W_cat and bias as one-element lists) and the factors."""
+    """The tensors of one grouped call besides x: base weights [d_out, d_in] and biases (one per layer; none
+    when the call computes the LoRA terms alone) and the factors."""
 
     __slots__ = ("weights", "biases", "lora_a", "lora_b")
 
@@ -116,7 +118,7 @@ def grouped_lora(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Seque
 
 def run_group(layout: GroupLayout, x: torch.Tensor, operands: Operands, seed: int | None = None) -> list[torch.Tensor]:
     """`grouped_lora` without argument checks, for a layout and operands decided once (the fused modules keep
-    both per group state, and on CUDA a stacked W_cat of the frozen weights across steps)."""
+    both per group state)."""
     if layout.dropout_p > 0.0 and seed is None:
         seed = draw_seed()
     seed = seed or 0
@@ -129,6 +131,8 @@ def run_group(layout: GroupLayout, x: torch.Tensor, operands: Operands, seed: in
                                                       operands.lora_b, layout.scales, layout.dropout_p, seed)
     elif torch.is_grad_enabled():
         trainable = operands.trainable_base()
+        if layout.cast_to is not None:  # recorded outside the node: its saved x stays connected to x's graph
+            x = _autocast_cast(x, x.device.type, layout.cast_to)
         ys = _GroupedLora.apply((layout, body, seed, operands, trainable), x, *operands.lora_a, *operands.lora_b,
                                 *trainable)
     else:
@@ -143,12 +147,15 @@ def run_group(layout: GroupLayout, x: torch.Tensor, operands: Operands, seed: in
     return list(ys) if x.dim() == 2 else [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
 
 
-def prepare(layout: GroupLayout, operands: Operands, like: torch.Tensor) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+def prepare(layout: GroupLayout, operands: Operands,
+            like: torch.Tensor) -> tuple[Callable[[torch.Tensor], list[torch.Tensor]], Callable[[], int]]:
     """`run_group(layout, x, operands)` for inputs x of like's dtype and device, as one callable with its path
-    chosen now: the extension's C++ op on CPU (only x and the dropout seed vary per call), else run_group."""
+    chosen now (the extension's C++ op on CPU: only x and the dropout seed vary per call, else run_group), and a
+    function giving how many backwards the autograd nodes of its calls have run: an output whose node has run
+    its backward may have had its graph freed (callers that keep outputs for later check it)."""
     if _grouped_cpu.NATIVE and not _grouped_cuda.stacks_outputs(like) and like.device.type == "cpu":
         return _grouped_cpu.prepared(layout, operands, like.dtype)
-    return lambda x: run_group(layout, x, operands)
+    return (lambda x: run_group(layout, x, operands)), functools.partial(getattr, layout, "backward_calls")
 
 
 def _autocast_cast(value, device_type: str, dtype: torch.dtype):
@@ -166,10 +173,12 @@ class _GroupedLora(torch.autograd.Function):
     """The eager op: the device body's forward and backward in one autograd node.
 
     Saved for the backward through `save_for_backward` (so saved-tensor hooks, checkpointing and offloading
-    see them): x (or its autocast copy), S and what else the device body keeps. The parameters themselves
-    are read from the operands the call holds, not saved again. Under autocast the casts happen here
-    (autograd records no cast nodes): the copies of the factors and of the base weights are saved (the
-    latter as F.linear's are), and each gradient returns in its input's dtype.
+    see them, and an in-place change before the backward raises as it does for F.linear): x (already in
+    autocast's dtype: the cast is recorded outside), S and what else the device body keeps, and the factors and
+    weights as the GEMMs read them, where F.linear would save them (A and W only when x needs a gradient; under
+    autocast the copies, as F.linear's). A backward run with create_graph=True recomputes the outputs with
+    recorded torch ops from the saved x and the parameters and differentiates them (`_differentiable_outputs`),
+    so second-order gradients are exact; the ordinary backward is the body's.
     """
 
     @staticmethod
@@ -177,25 +186,28 @@ class _GroupedLora(torch.autograd.Function):
         layout, body, seed, operands, _ = call
         if layout.cast_to is not None:
             ctx.dtypes = [t.dtype for t in (x, *tensors)]
-            x, operands = _autocast_cast(x, x.device.type, layout.cast_to), operands.cast(layout.cast_to,
-                                                                                         x.device.type)
+            operands = operands.cast(layout.cast_to, x.device.type)
         outputs, saved = body.forward(layout, x, operands, seed)
         ctx.call = call
         ctx.n_saved = len(saved)
-        copies = (*operands.lora_a, *operands.lora_b, *operands.weights) if layout.cast_to is not None else ()
-        ctx.save_for_backward(x, *saved, *copies)
+        need_x = ctx.needs_input_grad[1]
+        ctx.save_for_backward(x, *saved, *(operands.lora_a if need_x else ()), *operands.lora_b,
+                              *(operands.weights if need_x else ()))
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grads):
         layout, body, seed, operands, trainable = ctx.call
+        layout.backward_calls += 1
         groups = len(layout.ranks)
         x, *saved = ctx.saved_tensors
-        saved, copies = saved[:ctx.n_saved], saved[ctx.n_saved:]
-        lora_a, lora_b, weights = operands.lora_a, operands.lora_b, operands.weights
-        if layout.cast_to is not None:
-            lora_a, lora_b, weights = copies[:groups], copies[groups:2 * groups], copies[2 * groups:]
+        if torch.is_grad_enabled():
+            return (None, *_differentiable_backward(ctx, layout, body, seed, operands, trainable, x, grads))
+        saved, used = saved[:ctx.n_saved], saved[ctx.n_saved:]
         need = ctx.needs_input_grad
+        lora_a = used[:groups] if need[1] else operands.lora_a
+        lora_b = used[groups:2 * groups] if need[1] else used[:groups]
+        weights = used[2 * groups:] if need[1] else operands.weights
         has_bias = tuple(b is not None for b in operands.biases)
         grad_x, grad_w, grad_bias, grad_a, grad_b = body.backward(
             layout, grads, x, weights, has_bias, lora_a, lora_b, saved, seed, need[1], bool(trainable),
@@ -208,6 +220,38 @@ class _GroupedLora(torch.autograd.Function):
         if layout.cast_to is not None:  # each gradient in its input's dtype, as autocast's cast nodes give it
             grads = [g if g is None or g.dtype == dtype else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
         return (None, *grads)
+
+
+def _differentiable_backward(ctx, layout, body, seed, operands, trainable, x, grads) -> list[torch.Tensor | None]:
+    """The node's input gradients as recorded torch ops (a backward with create_graph=True): the outputs
+    recomputed from x and the parameters, differentiated with the graph kept."""
+    inputs = [x, *operands.lora_a, *operands.lora_b, *trainable]
+    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[1:]) if need]
+    with torch.enable_grad():
+        outputs = _differentiable_outputs(layout, body, seed, x, operands)
+        if len(grads) != len(outputs) or grads[0].dim() != outputs[0].dim():  # the CUDA body's [N, sum d_out]
+            outputs = [torch.cat([y.reshape(-1, y.shape[-1]) for y in outputs], -1)]
+        found = iter(torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True))
+    return [next(found) if need else None for need in ctx.needs_input_grad[1:]]
+
+
+def _differentiable_outputs(layout, body, seed, x, operands) -> list[torch.Tensor]:
+    """The op's outputs from recorded torch ops (PEFT's per-layer formula; the dropout mask drawn as the body
+    draws it, applied as a product)."""
+    if layout.cast_to is not None:
+        operands = operands.cast(layout.cast_to, x.device.type)
+    factor_dtype = operands.lora_a[0].dtype
+    xf = x.to(factor_dtype)
+    if layout.dropout_p > 0.0:
+        xf = xf * body.dropout(torch.ones_like(xf), layout.dropout_p, seed)
+    outputs = []
+    for i, (a, b, scale) in enumerate(zip(operands.lora_a, operands.lora_b, layout.scales)):
+        term = torch.nn.functional.linear(torch.nn.functional.linear(xf, a), b) * scale
+        if operands.weights:
+            base = torch.nn.functional.linear(x, operands.weights[i], operands.biases[i])
+            term = (base + term).to(base.dtype)
+        outputs.append(term)
+    return outputs
 
 
 def _check_group(x, weights, biases, lora_a, lora_b, scales, dropout_p, seed) -> None:
