@@ -126,68 +126,6 @@ def test_autocast_over_float32_weights_matches_float64_reference(cpu_op, autocas
         torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol * w.abs().max().item())
 
 
-def stacked_group(rng: random.Random, dtype=torch.float64):
-    """A random group of two or more layers, with its weights and biases also stacked (b_cat: zeros for a layer
-    without a bias), as the fused modules hand a small group's cached frozen weights to the op."""
-    while True:
-        x, weights, biases, lora_a, lora_b, scales = random_group(rng, dtype, max_groups=5, max_rank=12)
-        if len(weights) > 1:
-            break
-    b_cat = torch.cat([torch.zeros(w.shape[0], dtype=w.dtype) if b is None else b for w, b in zip(weights, biases)])
-    return x, weights, biases, lora_a, lora_b, scales, torch.cat(weights), b_cat
-
-
-@pytest.mark.parametrize("case", range(6))
-def test_stacked_base_weights_match_float64_reference(case):
-    """Weights and biases given as one stack each (W_cat [sum d_out, d_in], b_cat): the base outputs are one GEMM,
-    and so is dx's base part. Outputs and every gradient in float64 - dropout on/off, and W_cat and b_cat
-    themselves when they train (their gradients: the layers' side by side)."""
-    rng = random.Random(600 + case)
-    p = 0.3 if case % 2 else 0.0
-    x, weights, biases, lora_a, lora_b, scales, w_cat, b_cat = stacked_group(rng)
-    leaves = [x, *lora_a, *lora_b] + ([w_cat, b_cat] if case >= 4 else [])
-    for t in leaves:
-        t.requires_grad_(True)
-    layout = GroupLayout.of(lora_b, scales, p)
-    ys = run_group(layout, x, Operands([w_cat], [b_cat], lora_a, lora_b), seed=4)
-    sizes = [w.shape[0] for w in weights]
-    refs = reference(x, list(w_cat.split(sizes)), list(b_cat.split(sizes)), lora_a, lora_b, scales,
-                     seeded_keep(x, p, 4) if p else None)
-    cotangents = [torch.randn_like(r) for r in refs]
-    got = torch.autograd.grad(ys, leaves, cotangents)
-    want = torch.autograd.grad(refs, leaves, cotangents)
-    for g, w in zip([*ys, *got], [*refs, *want]):
-        torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-11)
-
-
-@pytest.mark.parametrize("precision", ["bf16 base", "autocast bf16"])
-@pytest.mark.parametrize("case", range(4))
-def test_stacked_base_weights_in_half_precision_match_per_layer_weights(precision, case):
-    """A bf16 base with float32 factors (PEFT's default), and autocast over float32 weights: the op on the stacked
-    weights computes what it computes on the weights one per layer, within two bf16 steps (the base GEMM's
-    rounding), gradients too."""
-    rng = random.Random(700 + case)
-    p = 0.3 if case % 2 else 0.0
-    x, weights, biases, lora_a, lora_b, scales, w_cat, b_cat = stacked_group(rng, torch.float32)
-    if precision == "bf16 base":
-        x, weights, w_cat, b_cat = x.bfloat16(), [w.bfloat16() for w in weights], w_cat.bfloat16(), b_cat.bfloat16()
-        biases = [None if b is None else b.bfloat16() for b in biases]
-    layout = GroupLayout.of(lora_b, scales, p, torch.bfloat16 if precision == "autocast bf16" else None)
-    results = []
-    for operands in (Operands(weights, biases, lora_a, lora_b), Operands([w_cat], [b_cat], lora_a, lora_b)):
-        leaves = [t.detach().requires_grad_(True) for t in (x, *lora_a, *lora_b)]
-        operands = Operands(operands.weights, operands.biases, leaves[1:1 + len(lora_a)], leaves[1 + len(lora_a):])
-        with torch.autocast("cpu", torch.bfloat16, enabled=layout.cast_to is not None):
-            ys = run_group(layout, leaves[0], operands, seed=9)
-        cotangents = [torch.randn(y.shape, generator=torch.Generator().manual_seed(i)).to(y.dtype)
-                      for i, y in enumerate(ys)]
-        results.append([*ys, *torch.autograd.grad(ys, leaves, cotangents)])
-    step = torch.finfo(torch.bfloat16).eps
-    for got, want in zip(*results):
-        assert got.dtype == want.dtype
-        torch.testing.assert_close(got.double(), want.double(), rtol=2 * step, atol=2 * step * want.abs().max().item())
-
-
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_prepared_call_is_the_op_with_its_arguments_fixed(cpu_op, p):
     """What the fused modules call (`prepare`: on the C++ path the extension's PreparedGroup, which takes x alone):
@@ -383,14 +321,10 @@ def test_torch_compile_fullgraph_matches_eager():
         torch.testing.assert_close(g, e)
 
 
-@pytest.mark.parametrize("stacked", [False, True])
-def test_opcheck(stacked):
-    """The op takes the base weights and biases one per layer or each as one stack ([sum d_out, d_in], [sum d_out])."""
+def test_opcheck():
     x, weights, biases, lora_a, lora_b, scales = random_group(random.Random(3), max_groups=3, max_rank=6)
-    bias = torch.cat([torch.zeros(w.shape[0], dtype=w.dtype) if b is None else b for w, b in zip(weights, biases)])
     x2 = x.reshape(-1, x.shape[-1]).requires_grad_(True)
-    args = (x2, [torch.cat(weights)] if stacked else weights, [bias] if stacked else biases,
-            [a.requires_grad_(True) for a in lora_a],
+    args = (x2, weights, biases, [a.requires_grad_(True) for a in lora_a],
             [b.requires_grad_(True) for b in lora_b], scales, 0.2, 5)
     torch.library.opcheck(torch.ops.slora.grouped_lora_forward, args)
 

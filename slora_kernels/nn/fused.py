@@ -24,8 +24,10 @@ on first use):
   member's watch and its parameters' version counters, and no backward run through their node since (its graph
   may be freed). Between two members' calls only the model's own code runs: members with hooks of their own
   (user code that could write through `.data`, which no version counter sees) never share outputs.
-  Inference tensors have no version counter, so nothing could prove a kept output current: there each layer
-  runs its own fused call.
+  A member whose kept output cannot be used runs alone (a batch would pull its already served group-mates
+  into its graph: their parameters would get gradients from a loss that does not use them). Inference
+  tensors have no version counter, so nothing could prove a kept output current: there each layer runs its
+  own fused call.
 
 Under torch.compile and torch.func transforms the layers run PEFT's own forward: the compiler traces and fuses
 it whole (per-layer fused calls measured no faster there, benchmarks/RESULTS.md), and neither can trace the
@@ -103,14 +105,14 @@ class LoraGroup:
         cast_to = autocast_dtype(x)
         local = self._local
         pending = getattr(local, "pending", None)
-        if pending is not None:
-            if pending[0] is x:
-                y = self._pending_output(layer, x, cast_to, pending)
-                if y is not None:
-                    self.recorder.fused(layer)
-                    return y
-            else:
-                local.pending = None
+        kept_for_x = pending is not None and pending[0] is x
+        if kept_for_x:
+            y = self._pending_output(layer, x, cast_to, pending)
+            if y is not None:
+                self.recorder.fused(layer)
+                return y
+        elif pending is not None:
+            local.pending = None
         plan = self._plan
         context = (x.dtype, x.device, cast_to, _grouped_cuda.stacks_outputs(x))
         if plan is None or plan.context != context or not plan.watch_of[id(layer)].matches(layer):
@@ -121,7 +123,9 @@ class LoraGroup:
             return None
         self.recorder.fused(layer)
         batch = plan.batches[id(layer)]
-        if x.is_inference() or not batch.shares:  # nothing to key a cache on, or user code between members
+        # Alone: on an inference tensor (nothing to key a kept output on), with user code between members, or when
+        # this x's kept output could not be used (the members served already must not join this call's graph).
+        if x.is_inference() or not batch.shares or kept_for_x:
             return plan.alone(layer, x).compute(x)[0]
         outputs = batch.compute(x)
         if len(outputs) > 1:

@@ -178,7 +178,9 @@ class _GroupedLora(torch.autograd.Function):
     weights as the GEMMs read them, where F.linear would save them (A and W only when x needs a gradient; under
     autocast the copies, as F.linear's). A backward run with create_graph=True recomputes the outputs with
     recorded torch ops from the saved x and the parameters and differentiates them (`_differentiable_outputs`),
-    so second-order gradients are exact; the ordinary backward is the body's.
+    so second-order gradients are exact; the ordinary backward is the body's. A layer whose output the loss does
+    not use gets no gradient (None, as its own PEFT layer would), not zeros: the CPU body's outputs are one per
+    layer (the CUDA body's one buffer gets its gradient whole, so there an unused layer's are zeros).
     """
 
     @staticmethod
@@ -190,6 +192,8 @@ class _GroupedLora(torch.autograd.Function):
         outputs, saved = body.forward(layout, x, operands, seed)
         ctx.call = call
         ctx.n_saved = len(saved)
+        ctx.set_materialize_grads(False)
+        ctx.output_types = [(y.shape, y.dtype) for y in outputs]
         need_x = ctx.needs_input_grad[1]
         ctx.save_for_backward(x, *saved, *(operands.lora_a if need_x else ()), *operands.lora_b,
                               *(operands.weights if need_x else ()))
@@ -203,6 +207,9 @@ class _GroupedLora(torch.autograd.Function):
         x, *saved = ctx.saved_tensors
         if torch.is_grad_enabled():
             return (None, *_differentiable_backward(ctx, layout, body, seed, operands, trainable, x, grads))
+        unused = [i for i, g in enumerate(grads) if g is None]
+        grads = [x.new_zeros(ctx.output_types[i][0], dtype=ctx.output_types[i][1]) if g is None else g
+                 for i, g in enumerate(grads)]
         saved, used = saved[:ctx.n_saved], saved[ctx.n_saved:]
         need = ctx.needs_input_grad
         lora_a = used[:groups] if need[1] else operands.lora_a
@@ -212,6 +219,11 @@ class _GroupedLora(torch.autograd.Function):
         grad_x, grad_w, grad_bias, grad_a, grad_b = body.backward(
             layout, grads, x, weights, has_bias, lora_a, lora_b, saved, seed, need[1], bool(trainable),
             bool(trainable))
+        if unused:  # as the unused layers' own PEFT layers: no gradient at all
+            grad_a, grad_b = list(grad_a), list(grad_b)
+            for grad_list in (grad_a, grad_b, grad_w or [], grad_bias or []):
+                for i in unused:
+                    grad_list[i] = None
         base = []
         if trainable:  # gradients of the base tensors given as inputs, in their order
             base = [g for g, t in zip((*grad_w, *grad_bias), (*operands.weights, *operands.biases))
@@ -229,9 +241,11 @@ def _differentiable_backward(ctx, layout, body, seed, operands, trainable, x, gr
     wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[1:]) if need]
     with torch.enable_grad():
         outputs = _differentiable_outputs(layout, body, seed, x, operands)
-        if len(grads) != len(outputs) or grads[0].dim() != outputs[0].dim():  # the CUDA body's [N, sum d_out]
+        if len(grads) != len(outputs):  # the CUDA body's [N, sum d_out]
             outputs = [torch.cat([y.reshape(-1, y.shape[-1]) for y in outputs], -1)]
-        found = iter(torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True))
+        used = [(y, g) for y, g in zip(outputs, grads) if g is not None]
+        found = iter(torch.autograd.grad([y for y, _ in used], wanted, [g.view_as(y) for y, g in used],
+                                         create_graph=True, allow_unused=True))
     return [next(found) if need else None for need in ctx.needs_input_grad[1:]]
 
 
