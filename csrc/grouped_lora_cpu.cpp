@@ -523,7 +523,10 @@ std::vector<at::Tensor> grouped_lora_cpu_autograd(const at::Tensor& x, at::Tenso
   state->n_weights = weights.size();
   std::vector<at::Tensor> base;
   for (const auto& w : weights) state->base_inputs = state->base_inputs || w.requires_grad();
-  for (const auto& b : state->ops.biases) state->base_inputs = state->base_inputs || (b && b->requires_grad());
+  for (const auto& b : biases) {  // the given biases: autocast's copies (made under no_grad) never require grad
+    std::optional<at::Tensor> bias = b;
+    state->base_inputs = state->base_inputs || (bias && bias->defined() && bias->requires_grad());
+  }
   if (state->base_inputs) {
     base = weights.vec();
     for (const auto& b : biases) {

@@ -1,0 +1,97 @@
+"""The C++ op's autograd node against stock PEFT's per-layer computation (plain torch F.linear): base-bias gradients
+under autocast, second-order gradients (create_graph), version checks of in-place edits, and
+PreparedGroup.backward_calls. Each test calls the op (`grouped_lora`) and the prepared call (`_grouped_cpu.prepared`)."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lora_helpers import random_group, rel_err, seeded_keep
+
+from slora_kernels.ops import _grouped_cpu, grouped_lora
+from slora_kernels.ops.grouped_lora import GroupLayout, Operands, autocast_dtype
+from slora_kernels.ops.utils import draw_seed
+
+pytestmark = pytest.mark.skipif(not _grouped_cpu.NATIVE, reason="the compiled extension is not loaded")
+PATHS = ["op", "prepared"]
+BF16_STEP = torch.finfo(torch.bfloat16).eps
+
+
+def fused(path, x, weights, biases, lora_a, lora_b, scales, p=0.0, seed=5):
+    """The C++ op's outputs, called as `grouped_lora` or through `prepared` (which draws the dropout seed from torch's
+    RNG: seeded with `seed` first, see `mask_seed`)."""
+    if path == "op":
+        return grouped_lora(x, weights, biases, lora_a, lora_b, scales, dropout_p=p, seed=seed)
+    layout = GroupLayout.of(lora_b, scales, p, autocast_dtype(x))
+    call = _grouped_cpu.prepared(layout, Operands(weights, biases, lora_a, lora_b), x.dtype)
+    call = call[0] if isinstance(call, tuple) else call  # a version of `prepared` may return its counter too
+    torch.manual_seed(seed)
+    return call(x)
+
+
+def mask_seed(path, p, seed):
+    """The dropout seed `fused(path, ..., p, seed)` uses."""
+    if path == "op" or not p:
+        return seed
+    torch.manual_seed(seed)
+    return draw_seed()
+
+
+def stock(x, weights, biases, lora_a, lora_b, scales, p=0.0, seed=5):
+    """Stock PEFT's LoRA Linear per layer in plain torch (F.linear each, the input cast to the factors' dtype, the
+    sum rounded into the base output's dtype), with the dropout mask the fused op draws."""
+    outputs = []
+    for w, b, a, bb, s in zip(weights, biases, lora_a, lora_b, scales):
+        y = F.linear(x, w, b)
+        xf = x.to(a.dtype)
+        xd = xf * seeded_keep(xf.detach(), p, seed) if p else xf
+        outputs.append((y + F.linear(F.linear(xd, a), bb) * s).to(y.dtype))
+    return outputs
+
+
+def group(case, dtype=torch.float64, max_groups=3, max_rank=6):
+    return random_group(random.Random(case), dtype, max_groups=max_groups, max_rank=max_rank)
+
+
+def layers(n, case, dtype=torch.float64):
+    """A group of exactly n layers (odd sizes), every layer with a bias."""
+    rng = random.Random(case)
+    while True:
+        x, weights, biases, lora_a, lora_b, scales = random_group(rng, dtype, max_groups=n, max_rank=5, bias=False)
+        if len(weights) == n:
+            gen = torch.Generator().manual_seed(case)
+            return x, weights, [torch.randn(w.shape[0], generator=gen, dtype=dtype) for w in weights], lora_a, \
+                lora_b, scales
+
+
+def assert_close_bf16(got, want):
+    assert got is not None and want is not None
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got.double(), want.double(), rtol=4 * BF16_STEP,
+                               atol=4 * BF16_STEP * want.abs().max().item())
+
+
+# ----------------------------------------------------------------------------- base gradients under autocast
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("train_weights", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_trainable_float32_bias_under_bf16_autocast(path, train_weights, p):
+    """PEFT bias="all" / "lora_only" under Trainer(bf16=True) on CPU: float32 biases train (and, here, the weights
+    too), autocast copies them into bf16 per call. Their gradients reach them, in float32, as stock's do."""
+    x, weights, biases, lora_a, lora_b, scales = layers(3, 41, torch.float32)
+    x.requires_grad_(True)
+    trained = [*lora_a, *lora_b, *biases] + (weights if train_weights else [])
+    results = []
+    for run in (lambda *a: fused(path, *a), stock):
+        leaves = [t.detach().requires_grad_(t.requires_grad or any(t is u for u in trained))
+                  for t in (x, *weights, *biases, *lora_a, *lora_b)]
+        xs, ws, bs, la, lb = leaves[0], leaves[1:4], leaves[4:7], leaves[7:10], leaves[10:]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ys = run(xs, ws, bs, la, lb, scales, p, mask_seed(path, p, 5) if run is stock else 5)
+        cotangents = [torch.randn(y.shape, generator=torch.Generator().manual_seed(i)).to(y.dtype)
+                      for i, y in enumerate(ys)]
+        results.append([*ys, *torch.autograd.grad(ys, [t for t in leaves if t.requires_grad], cotangents)])
+    for got, want in zip(*results):
+        assert_close_bf16(got, want)
