@@ -37,6 +37,8 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -421,6 +423,7 @@ struct State : torch::CustomClassHolder {
   bool stacked = false;                // the operands are in the stacked form (wa, b_bd)
   size_t n_weights = 0;                // base weights given: G, or 1 (stacked)
   size_t n_biases = 0;                 // present biases
+  std::shared_ptr<std::atomic<int64_t>> backward_calls;  // the PreparedGroup's count of its nodes' backwards
 };
 
 // Without autograd (no_grad, inference_mode): the forward alone.
@@ -464,6 +467,7 @@ class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto state = c10::static_intrusive_pointer_cast<State>(ctx->saved_data["state"].toCapsule());
+    if (state->backward_calls) state->backward_calls->fetch_add(1, std::memory_order_relaxed);
     const auto saved = ctx->get_saved_variables();
     const size_t groups = state->layout.ranks.size();
     auto ops = state->ops;
@@ -503,13 +507,15 @@ class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction
   }
 };
 
-std::vector<at::Tensor> grouped_lora_cpu_autograd(const at::Tensor& x, at::TensorList weights,
-                                                  const c10::List<std::optional<at::Tensor>>& biases,
-                                                  at::TensorList lora_a, at::TensorList lora_b,
-                                                  at::ArrayRef<double> scales, double dropout_p, int64_t seed,
-                                                  std::optional<at::ScalarType> cast_to, bool column_major_half) {
+// backward_calls: counted by each node's backward (a PreparedGroup's calls; none for the op's).
+std::vector<at::Tensor> autograd_call(const at::Tensor& x, at::TensorList weights,
+                                      const c10::List<std::optional<at::Tensor>>& biases, at::TensorList lora_a,
+                                      at::TensorList lora_b, at::ArrayRef<double> scales, double dropout_p,
+                                      int64_t seed, std::optional<at::ScalarType> cast_to, bool column_major_half,
+                                      std::shared_ptr<std::atomic<int64_t>> backward_calls) {
   check_args(x, weights, biases.size(), lora_a, lora_b, scales);
   auto state = c10::make_intrusive<State>();
+  state->backward_calls = std::move(backward_calls);
   {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     at::AutoGradMode no_grad(false);  // the autocast copies are the op's own, not autograd's
@@ -546,6 +552,15 @@ std::vector<at::Tensor> grouped_lora_cpu_autograd(const at::Tensor& x, at::Tenso
   return GroupedLoraFunction::apply(x, lora_a, lora_b, at::TensorList(base), std::move(state));
 }
 
+std::vector<at::Tensor> grouped_lora_cpu_autograd(const at::Tensor& x, at::TensorList weights,
+                                                  const c10::List<std::optional<at::Tensor>>& biases,
+                                                  at::TensorList lora_a, at::TensorList lora_b,
+                                                  at::ArrayRef<double> scales, double dropout_p, int64_t seed,
+                                                  std::optional<at::ScalarType> cast_to, bool column_major_half) {
+  return autograd_call(x, weights, biases, lora_a, lora_b, scales, dropout_p, seed, cast_to, column_major_half,
+                       nullptr);
+}
+
 // A group's call with everything but x and the dropout seed fixed once, what the fused modules run per forward:
 // the op without parsing and dispatching its ten arguments on every call (on a host-bound step that is a
 // noticeable part of a call). The same computation as the op (recorded under its name by the profiler): the
@@ -567,9 +582,16 @@ class PreparedGroup {
 
   std::vector<at::Tensor> operator()(const at::Tensor& x, int64_t seed) const {
     RECORD_FUNCTION("slora::grouped_lora_cpu", std::vector<c10::IValue>{x});
-    const auto call = at::GradMode::is_enabled() ? &grouped_lora_cpu_autograd : &grouped_lora_cpu;
-    return call(x, weights_, biases_, lora_a_, lora_b_, scales_, dropout_p_, seed, cast_to_, column_major_half_);
+    if (!at::GradMode::is_enabled()) {
+      return grouped_lora_cpu(x, weights_, biases_, lora_a_, lora_b_, scales_, dropout_p_, seed, cast_to_,
+                              column_major_half_);
+    }
+    return autograd_call(x, weights_, biases_, lora_a_, lora_b_, scales_, dropout_p_, seed, cast_to_,
+                         column_major_half_, backward_calls_);
   }
+
+  // How many backwards the nodes of this group's calls have run: whether a pending output's graph was used.
+  int64_t backward_calls() const { return backward_calls_->load(std::memory_order_relaxed); }
 
  private:
   std::vector<at::Tensor> weights_, lora_a_, lora_b_;
@@ -578,6 +600,7 @@ class PreparedGroup {
   double dropout_p_;
   std::optional<at::ScalarType> cast_to_;
   bool column_major_half_;
+  std::shared_ptr<std::atomic<int64_t>> backward_calls_ = std::make_shared<std::atomic<int64_t>>(0);
 };
 
 }  // namespace
@@ -588,7 +611,8 @@ void bind_prepared_group(pybind11::module_& m) {
                           std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<double>, double,
                           std::optional<at::ScalarType>, bool>())
       .def("__call__", &PreparedGroup::operator(), pybind11::arg("x"), pybind11::arg("seed"),
-           pybind11::call_guard<pybind11::gil_scoped_release>());
+           pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def_property_readonly("backward_calls", &PreparedGroup::backward_calls);
 }
 
 TORCH_LIBRARY_FRAGMENT(slora, m) {

@@ -95,3 +95,30 @@ def test_trainable_float32_bias_under_bf16_autocast(path, train_weights, p):
         results.append([*ys, *torch.autograd.grad(ys, [t for t in leaves if t.requires_grad], cotangents)])
     for got, want in zip(*results):
         assert_close_bf16(got, want)
+
+
+# ----------------------------------------------------------------------------- backward_calls
+
+
+def test_backward_calls_counts_backwards_of_the_groups_nodes():
+    x, weights, biases, lora_a, lora_b, scales = group(81)
+    x.requires_grad_(True)
+    for t in (*lora_a, *lora_b):
+        t.requires_grad_(True)
+    prepared = _grouped_cpu.PreparedGroup(weights, biases, lora_a, lora_b, scales, 0.0, None, False)
+    other = _grouped_cpu.PreparedGroup(weights, biases, lora_a, lora_b, scales, 0.0, None, False)
+    assert prepared.backward_calls == 0
+    ys = prepared(x, 0)
+    assert prepared.backward_calls == 0
+    torch.autograd.backward([y.sum() for y in ys], retain_graph=True)
+    assert prepared.backward_calls == 1
+    torch.autograd.backward([y.sum() for y in ys])
+    assert prepared.backward_calls == 2
+    other_ys = other(x, 0)  # another group's node, and the op's: not counted here
+    torch.autograd.backward([y.sum() for y in (*other_ys, *grouped_lora(x, weights, biases, lora_a, lora_b, scales))])
+    assert (prepared.backward_calls, other.backward_calls) == (2, 1)
+    with torch.no_grad():
+        prepared(x, 0)
+    assert prepared.backward_calls == 2
+    with pytest.raises(AttributeError):
+        prepared.backward_calls = 0
