@@ -97,6 +97,53 @@ def test_trainable_float32_bias_under_bf16_autocast(path, train_weights, p):
         assert_close_bf16(got, want)
 
 
+# ----------------------------------------------------------------------------- version checks
+
+
+EDITS = [  # (tensor edited in place, x requires grad, the A factors train)
+    ("lora_a", True, True), ("lora_a", False, True),
+    ("lora_b", True, True), ("lora_b", False, True), ("lora_b", False, False),
+    ("weights", True, True), ("weights", False, True),
+    ("biases", True, True),
+]
+
+
+def raises_after_edit(run, edited, x_grad, a_grad, autocast, factor_dtype):
+    """Whether the backward raises autograd's in-place error after `edited[0]` changed between forward and backward."""
+    x, weights, biases, lora_a, lora_b, scales = layers(2, 71, torch.float32)
+    lora_a, lora_b = [a.to(factor_dtype) for a in lora_a], [b.to(factor_dtype) for b in lora_b]
+    x.requires_grad_(x_grad)
+    for t in (*lora_a, *lora_b) if a_grad else lora_b:
+        t.requires_grad_(True)
+    tensors = {"weights": weights, "biases": biases, "lora_a": lora_a, "lora_b": lora_b}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ys = run(x, weights, biases, lora_a, lora_b, scales)
+    with torch.no_grad():
+        tensors[edited][0].mul_(2.0)
+    try:
+        torch.autograd.backward([y.float().sum() for y in ys])
+    except RuntimeError as error:
+        assert "modified by an inplace operation" in str(error)
+        return True
+    return False
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("autocast, factor_dtype", [(False, torch.float32), (True, torch.float32),
+                                                    (True, torch.bfloat16)],
+                         ids=["float32", "autocast-float32-factors", "autocast-bf16-factors"])
+@pytest.mark.parametrize("edited, x_grad, a_grad", EDITS, ids=["-".join(map(str, e)) for e in EDITS])
+def test_in_place_edit_raises_where_stock_raises(path, autocast, factor_dtype, edited, x_grad, a_grad):
+    """F.linear saves its weight only when its input needs a gradient and its input only when the weight does;
+    under autocast it saves autocast's copies (an edit of a float32 original does not raise) but a tensor
+    already in the autocast dtype itself. The fused node raises exactly where stock does."""
+    args = (edited, x_grad, a_grad, autocast, factor_dtype)
+    want = raises_after_edit(stock, *args)
+    assert raises_after_edit(lambda *a: fused(path, *a), *args) == want
+    if edited in ("lora_a", "lora_b") and x_grad and a_grad:  # the point of the test: both cases occur
+        assert want == (not autocast or factor_dtype == torch.bfloat16)
+
+
 # ----------------------------------------------------------------------------- backward_calls
 
 
