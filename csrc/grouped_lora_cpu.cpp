@@ -329,6 +329,9 @@ Backward backward_stacked(const variable_list& grads, const at::Tensor& x, const
   int64_t n_out = 0;
   for (const auto d : layout.d_outs) n_out += d;
   auto g = at::empty({x2.size(0), n_out + rank}, x2.options());
+  // dS's columns zeroed first: a CPU bf16 GEMM over the view dY (row stride n_out + rank) reads the columns past it,
+  // and an uninitialised NaN there came out in dS (~7% of calls at some shapes, torch 2.13).
+  g.narrow(1, n_out, rank).zero_();
   std::vector<at::Tensor> dys;
   int64_t col = 0;
   for (size_t i = 0; i < groups; ++i) {
