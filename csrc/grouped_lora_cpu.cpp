@@ -19,7 +19,8 @@
 // F.linear's would): x (or its autocast copy), S, and the factors and weights as F.linear saves them
 // (`save_operands`); A_cat is packed again in the backward and the dropout mask drawn again from `seed`, never
 // stored. cast_to: torch.autocast's dtype, every floating input (float64 excepted) cast to it first (A once,
-// packed) and each gradient returned in its input's dtype.
+// packed; x before the node, as a recorded op) and each gradient returned in its input's dtype. A backward with
+// grad mode on (create_graph) takes a differentiable path instead (`differentiable_backward`).
 // Under autocast with base weights that autocast would copy anyway (float32 weights, bf16 autocast), the copies
 // go into one stacked buffer [W_1; ..; W_G; A_cat] and B becomes one block-diagonal matrix with the scales folded
 // in (`stacks`): fewer, larger GEMMs (forward 2 instead of 2G + 1, backward 4 instead of 3G + 2, one more
@@ -153,25 +154,37 @@ void stack_operands(Operands& ops, at::TensorList weights, at::TensorList lora_a
   }
 }
 
+// The biases as given (none where absent), each cast as autocast would.
+std::vector<std::optional<at::Tensor>> cast_biases(const c10::List<std::optional<at::Tensor>>& biases,
+                                                   std::optional<at::ScalarType> cast_to) {
+  std::vector<std::optional<at::Tensor>> out;
+  for (const auto& b : biases) {
+    std::optional<at::Tensor> bias = b;
+    out.push_back(bias && bias->defined() ? std::optional<at::Tensor>(cast(*bias, cast_to)) : std::nullopt);
+  }
+  return out;
+}
+
+// b_cat (one bias stacked for G > 1 layers) as each layer's slice of it.
+void split_stacked_bias(std::vector<std::optional<at::Tensor>>& biases, at::TensorList lora_b) {
+  if (biases.size() != 1 || lora_b.size() == 1) return;
+  const auto b_cat = biases[0];
+  biases.clear();
+  int64_t row = 0;
+  for (const auto& b : lora_b) {
+    biases.push_back(b_cat ? std::optional<at::Tensor>(b_cat->narrow(0, row, b.size(0))) : std::nullopt);
+    row += b.size(0);
+  }
+}
+
 Operands operands_of(at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
                      at::TensorList lora_a, at::TensorList lora_b, at::ArrayRef<double> scales,
                      std::optional<at::ScalarType> cast_to) {
   Operands ops;
-  for (const auto& b : biases) {
-    std::optional<at::Tensor> bias = b;
-    ops.biases.push_back(bias && bias->defined() ? std::optional<at::Tensor>(cast(*bias, cast_to)) : std::nullopt);
-  }
+  ops.biases = cast_biases(biases, cast_to);
   if (stacks(weights, lora_a, lora_b, cast_to)) {
     stack_operands(ops, weights, lora_a, lora_b, scales, *cast_to);
-    if (ops.biases.size() == 1 && lora_b.size() > 1) {  // b_cat: each layer's bias is its slice
-      const auto b_cat = ops.biases[0];
-      ops.biases.clear();
-      int64_t row = 0;
-      for (const auto& b : lora_b) {
-        ops.biases.push_back(b_cat ? std::optional<at::Tensor>(b_cat->narrow(0, row, b.size(0))) : std::nullopt);
-        row += b.size(0);
-      }
-    }
+    split_stacked_bias(ops.biases, lora_b);
     return ops;
   }
   ops.a_cat = cast(lora_a.size() == 1 ? lora_a[0] : at::cat(lora_a), cast_to);
@@ -485,6 +498,67 @@ void save_operands(variable_list& saved, State& state, const Operands& ops, at::
   if (need_x) state.n_w = save(ops.weights);
 }
 
+// The base tensors as the node's inputs: the weights, then the present biases.
+std::vector<at::Tensor> base_tensors(const Given& given) {
+  std::vector<at::Tensor> base = given.weights;
+  for (const auto& b : cast_biases(given.biases, std::nullopt)) {
+    if (b) base.push_back(*b);
+  }
+  return base;
+}
+
+// The backward with grad mode on (create_graph: gradient penalties, Hessian-vector products): the forward again in
+// recorded ops from tensors connected to the graph (x as saved, the given factors, weights and biases; autocast's
+// casts as .to(), dropout as a multiply by its mask), differentiated by autograd, so that the gradients are
+// differentiable in turn. PEFT's per-layer formula: the fast path's sums in other orders, the same values.
+variable_list differentiable_backward(AutogradContext* ctx, const State& state, const at::Tensor& x,
+                                      const variable_list& grads) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const auto& given = *state.given;
+  const auto& layout = state.layout;
+  const auto lora_a = cast_all(given.lora_a, state.cast_to), lora_b = cast_all(given.lora_b, state.cast_to);
+  auto weights = cast_all(given.weights, state.cast_to);
+  auto biases = cast_biases(given.biases, state.cast_to);
+  if (weights.size() == 1 && lora_b.size() > 1) weights = weights[0].split_with_sizes(layout.d_outs);
+  split_stacked_bias(biases, lora_b);
+  const auto x2 = flat(x);
+  auto xd = as_factor(x2, lora_a[0].scalar_type());
+  if (layout.dropout_p != 0.0) xd = xd * dropout_cpu(at::ones_like(xd), layout.dropout_p, layout.seed);
+  variable_list ys, dys;
+  for (size_t i = 0; i < lora_b.size(); ++i) {
+    auto y = at::mm(at::mm(xd, lora_a[i].t()), lora_b[i].t()).mul(layout.scales[i]);
+    if (!weights.empty()) {
+      auto base = at::mm(x2, weights[i].t());
+      if (biases[i]) base = base + *biases[i];
+      y = base.scalar_type() == y.scalar_type() ? base + y : (base + y).to(base.scalar_type());
+    }
+    if (y.requires_grad()) {
+      ys.push_back(y);
+      dys.push_back(flat(grads[i]));
+    }
+  }
+  variable_list inputs{x};  // the node's, in edge order
+  inputs.insert(inputs.end(), given.lora_a.begin(), given.lora_a.end());
+  inputs.insert(inputs.end(), given.lora_b.begin(), given.lora_b.end());
+  if (state.base_inputs) {
+    const auto base = base_tensors(given);
+    inputs.insert(inputs.end(), base.begin(), base.end());
+  }
+  variable_list wanted, out(inputs.size() + 1);  // + the state argument: no gradient
+  std::vector<size_t> slots;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (ctx->needs_input_grad(i)) {
+      wanted.push_back(inputs[i]);
+      slots.push_back(i);
+    }
+  }
+  if (ys.empty() || wanted.empty()) return out;
+  const auto got = torch::autograd::grad(ys, wanted, dys, /*retain_graph=*/true, /*create_graph=*/true,
+                                         /*allow_unused=*/true);
+  for (size_t k = 0; k < slots.size(); ++k) out[slots[k]] = got[k];
+  return out;
+}
+
 class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction> {
  public:
   // Autograd inputs, in edge order: x, lora_a..., lora_b..., then (if one trains) weights..., present biases...
@@ -495,9 +569,8 @@ class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction
     const auto& given = *state->given;
     const auto ops = operands_of(given.weights, given.biases, lora_a, lora_b, state->layout.scales, state->cast_to);
     state->stacked = ops.wa.defined();
-    const auto x_cast = cast(x, state->cast_to);
-    auto result = forward_impl(x_cast, ops, state->layout);
-    variable_list saved{x_cast, result.s};
+    auto result = forward_impl(x, ops, state->layout);
+    variable_list saved{x, result.s};
     save_operands(saved, *state, ops, lora_a, lora_b, x.requires_grad());
     ctx->save_for_backward(saved);
     ctx->saved_data["state"] = c10::IValue::make_capsule(std::move(state));
@@ -508,6 +581,7 @@ class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction
     auto state = c10::static_intrusive_pointer_cast<State>(ctx->saved_data["state"].toCapsule());
     if (state->backward_calls) state->backward_calls->fetch_add(1, std::memory_order_relaxed);
     const auto saved = ctx->get_saved_variables();
+    if (at::GradMode::is_enabled()) return differentiable_backward(ctx, *state, saved[0], grads);
     const size_t groups = state->layout.ranks.size();
     const bool stacked_weights = state->given->weights.size() == 1 && groups > 1;
     Needs need{ctx->needs_input_grad(0), ctx->needs_input_grad(0), false};
@@ -532,12 +606,7 @@ class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction
       ops.lora_b = part(state->n_b);
       ops.weights = part(state->n_w);
     }
-    if (need.base) {
-      for (const auto& b : state->given->biases) {
-        std::optional<at::Tensor> bias = b;
-        ops.biases.push_back(bias && bias->defined() ? bias : std::nullopt);
-      }
-    }
+    if (need.base) ops.biases = cast_biases(state->given->biases, std::nullopt);  // which are present
     auto result =
         backward_impl(grads, saved[0], saved[1], ops, state->layout, need, state->a_dtype, state->stacked,
                       stacked_weights);
@@ -580,15 +649,14 @@ std::vector<at::Tensor> autograd_call(const at::Tensor& x, std::shared_ptr<const
     state->base_inputs = state->base_inputs || (bias && bias->defined() && bias->requires_grad());
   }
   if (state->base_inputs) {
-    base = weights;
-    for (const auto& b : given->biases) {
-      std::optional<at::Tensor> bias = b;
-      if (bias && bias->defined()) base.push_back(*bias);
-    }
+    base = base_tensors(*given);
     state->n_biases = base.size() - weights.size();
   }
+  // x cast outside the node, a recorded op: the node saves the copy, and autograd's cast node carries x's gradient
+  // back (connected to x for a differentiable backward).
+  const auto x_in = cast(x, cast_to);
   if (cast_to) {
-    state->dtypes.push_back(x.scalar_type());
+    state->dtypes.push_back(x_in.scalar_type());
     for (auto list : {at::TensorList(lora_a), at::TensorList(lora_b), at::TensorList(base)}) {
       for (const auto& t : list) state->dtypes.push_back(t.scalar_type());
     }
@@ -597,7 +665,7 @@ std::vector<at::Tensor> autograd_call(const at::Tensor& x, std::shared_ptr<const
   }
   state->given = std::move(given);
   // TensorLists: apply takes the tensors of those (not of a std::vector) as the node's inputs.
-  return GroupedLoraFunction::apply(x, at::TensorList(lora_a), at::TensorList(lora_b), at::TensorList(base),
+  return GroupedLoraFunction::apply(x_in, at::TensorList(lora_a), at::TensorList(lora_b), at::TensorList(base),
                                     std::move(state));
 }
 

@@ -97,6 +97,75 @@ def test_trainable_float32_bias_under_bf16_autocast(path, train_weights, p):
         assert_close_bf16(got, want)
 
 
+# ----------------------------------------------------------------------------- second-order gradients
+
+
+def as_function(path, n_layers, biases_given, scales, p, seed):
+    """f(x, *weights, *biases, *lora_a, *lora_b) -> outputs, for gradcheck."""
+    def f(x, *params):
+        ws, bs = list(params[:n_layers]), list(params[n_layers:n_layers + biases_given])
+        la = list(params[n_layers + biases_given:2 * n_layers + biases_given])
+        lb = list(params[2 * n_layers + biases_given:])
+        return tuple(fused(path, x, ws, bs or [None] * n_layers, la, lb, scales, p, seed))
+    return f
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("train_base", [False, True])
+def test_gradgradcheck_float64(path, n, p, train_base):
+    x, weights, biases, lora_a, lora_b, scales = layers(n, 50 + n)
+    for t in (x, *lora_a, *lora_b, *((*weights, *biases) if train_base else ())):
+        t.requires_grad_(True)
+    inputs = [x, *weights, *biases, *lora_a, *lora_b]
+    f = as_function(path, n, n, scales, p, seed=9)
+    assert torch.autograd.gradcheck(f, inputs, fast_mode=True)
+    assert torch.autograd.gradgradcheck(f, inputs, fast_mode=True)
+
+
+def penalty_gradients(run, x, weights, biases, lora_a, lora_b, scales, p, seed, trained):
+    """A gradient penalty: L = sum_i <y_i, c_i>, then ||dL/dx||^2 differentiated to the trained tensors."""
+    ys = run(x, weights, biases, lora_a, lora_b, scales, p, seed)
+    cotangents = [torch.randn(y.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64).to(y.dtype)
+                  for i, y in enumerate(ys)]
+    loss = sum((y * c).sum() for y, c in zip(ys, cotangents))
+    (dx,) = torch.autograd.grad(loss, [x], create_graph=True)
+    return torch.autograd.grad(dx.pow(2).sum(), trained)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gradient_penalty_matches_float64_reference(path, p):
+    x, weights, biases, lora_a, lora_b, scales = group(61, max_groups=4, max_rank=9)
+    x = x.requires_grad_(True)
+    trained = [*lora_a, *lora_b]
+    for t in trained:
+        t.requires_grad_(True)
+    got = penalty_gradients(lambda *a: fused(path, *a), x, weights, biases, lora_a, lora_b, scales, p, 7, trained)
+    want = penalty_gradients(stock, x, weights, biases, lora_a, lora_b, scales, p, mask_seed(path, p, 7), trained)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gradient_penalty_under_bf16_autocast(path, p):
+    """float32 model and factors under bf16 autocast: the penalty's gradients close to stock's under the same
+    autocast (each rounds its bf16 GEMMs in its own order: norm-wise within a few bf16 steps)."""
+    x, weights, biases, lora_a, lora_b, scales = layers(3, 62, torch.float32)
+    x = x.requires_grad_(True)
+    trained = [*lora_a, *lora_b]
+    for t in trained:
+        t.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = penalty_gradients(lambda *a: fused(path, *a), x, weights, biases, lora_a, lora_b, scales, p, 7, trained)
+        want = penalty_gradients(stock, x, weights, biases, lora_a, lora_b, scales, p, mask_seed(path, p, 7), trained)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == torch.float32
+        assert rel_err(g, w) < 4 * BF16_STEP
+
+
 # ----------------------------------------------------------------------------- version checks
 
 
@@ -167,5 +236,10 @@ def test_backward_calls_counts_backwards_of_the_groups_nodes():
     with torch.no_grad():
         prepared(x, 0)
     assert prepared.backward_calls == 2
+    ys = prepared(x, 0)
+    (dx,) = torch.autograd.grad(sum(y.sum() for y in ys), [x], create_graph=True)
+    assert prepared.backward_calls == 3
+    dx.pow(2).sum().backward()  # through the create_graph backward's own ops, not the node
+    assert prepared.backward_calls == 3
     with pytest.raises(AttributeError):
         prepared.backward_calls = 0
