@@ -205,7 +205,7 @@ Layout make_layout(at::TensorList lora_b, at::ArrayRef<double> scales, double dr
 
 struct Forward {
   std::vector<at::Tensor> outputs;
-  at::Tensor s, a_cat;
+  at::Tensor s;
 };
 
 // Stacked operands: [base | S] = x wa^T in one GEMM (the shrink on drop(x) apart with dropout), the expands as one
@@ -277,8 +277,7 @@ Forward forward_impl(const at::Tensor& x, const Operands& ops, const Layout& lay
   const auto factor = ops.a_cat.scalar_type();
   const auto x2 = flat(x);
   Forward result;
-  result.a_cat = ops.a_cat;
-  result.s = at::mm(drop(as_factor(x2, factor), layout), result.a_cat.t());
+  result.s = at::mm(drop(as_factor(x2, factor), layout), ops.a_cat.t());
   const auto s_parts = ops.lora_b.size() == 1 ? std::vector<at::Tensor>{result.s}
                                               : result.s.split_with_sizes(layout.ranks, 1);
   auto shape = x.sizes().vec();
@@ -447,7 +446,8 @@ struct Given {
 
 // The call's state besides its saved tensors: the layout, and where the saved tensors lie.
 struct State : torch::CustomClassHolder {
-  std::shared_ptr<const Given> given;  // the forward's operands (the backward reads only which biases are present)
+  std::shared_ptr<const Given> given;  // read by the forward and the differentiable backward (the fast one: which
+                                       // biases are present)
   at::ScalarType a_dtype;
   Layout layout;
   std::optional<at::ScalarType> cast_to;
@@ -584,7 +584,8 @@ class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction
     if (at::GradMode::is_enabled()) return differentiable_backward(ctx, *state, saved[0], grads);
     const size_t groups = state->layout.ranks.size();
     const bool stacked_weights = state->given->weights.size() == 1 && groups > 1;
-    Needs need{ctx->needs_input_grad(0), ctx->needs_input_grad(0), false};
+    const bool need_x = ctx->needs_input_grad(0);
+    Needs need{need_x, need_x, false};
     for (size_t i = 1; i <= groups; ++i) need.ds = need.ds || ctx->needs_input_grad(i);
     for (size_t i = 1 + 2 * groups; state->base_inputs && i < state->dtypes.size(); ++i) {
       need.base = need.base || ctx->needs_input_grad(i);
@@ -615,7 +616,9 @@ class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction
     out.insert(out.end(), result.grad_a.begin(), result.grad_a.end());
     out.insert(out.end(), result.grad_b.begin(), result.grad_b.end());
     if (state->base_inputs) {
-      for (size_t i = 0; i < state->given->weights.size(); ++i) out.push_back(need.base ? result.grad_w[i] : at::Tensor());
+      for (size_t i = 0; i < state->given->weights.size(); ++i) {
+        out.push_back(need.base ? result.grad_w[i] : at::Tensor());
+      }
       for (size_t i = 0; i < state->n_biases; ++i) out.push_back(need.base ? result.grad_bias[i] : at::Tensor());
     }
     if (state->cast_to) {  // each gradient in its input's dtype, as autocast's cast nodes would give it

@@ -1,6 +1,7 @@
 """The C++ op's autograd node against stock PEFT's per-layer computation (plain torch F.linear): base-bias gradients
 under autocast, second-order gradients (create_graph), version checks of in-place edits, and
-PreparedGroup.backward_calls. Each test calls the op (`grouped_lora`) and the prepared call (`_grouped_cpu.prepared`)."""
+PreparedGroup.backward_calls. Each test calls the op (`grouped_lora`) and the prepared call
+(`_grouped_cpu.prepared`)."""
 import random
 
 import pytest
@@ -60,8 +61,8 @@ def layers(n, case, dtype=torch.float64):
         x, weights, biases, lora_a, lora_b, scales = random_group(rng, dtype, max_groups=n, max_rank=5, bias=False)
         if len(weights) == n:
             gen = torch.Generator().manual_seed(case)
-            return x, weights, [torch.randn(w.shape[0], generator=gen, dtype=dtype) for w in weights], lora_a, \
-                lora_b, scales
+            biases = [torch.randn(w.shape[0], generator=gen, dtype=dtype) for w in weights]
+            return x, weights, biases, lora_a, lora_b, scales
 
 
 def assert_close_bf16(got, want):
@@ -100,13 +101,11 @@ def test_trainable_float32_bias_under_bf16_autocast(path, train_weights, p):
 # ----------------------------------------------------------------------------- second-order gradients
 
 
-def as_function(path, n_layers, biases_given, scales, p, seed):
-    """f(x, *weights, *biases, *lora_a, *lora_b) -> outputs, for gradcheck."""
+def as_function(path, n, scales, p, seed):
+    """f(x, *weights, *biases, *lora_a, *lora_b) -> outputs of n layers, for gradcheck."""
     def f(x, *params):
-        ws, bs = list(params[:n_layers]), list(params[n_layers:n_layers + biases_given])
-        la = list(params[n_layers + biases_given:2 * n_layers + biases_given])
-        lb = list(params[2 * n_layers + biases_given:])
-        return tuple(fused(path, x, ws, bs or [None] * n_layers, la, lb, scales, p, seed))
+        ws, bs, la, lb = (list(params[i * n:(i + 1) * n]) for i in range(4))
+        return tuple(fused(path, x, ws, bs, la, lb, scales, p, seed))
     return f
 
 
@@ -119,7 +118,7 @@ def test_gradgradcheck_float64(path, n, p, train_base):
     for t in (x, *lora_a, *lora_b, *((*weights, *biases) if train_base else ())):
         t.requires_grad_(True)
     inputs = [x, *weights, *biases, *lora_a, *lora_b]
-    f = as_function(path, n, n, scales, p, seed=9)
+    f = as_function(path, n, scales, p, seed=9)
     assert torch.autograd.gradcheck(f, inputs, fast_mode=True)
     assert torch.autograd.gradgradcheck(f, inputs, fast_mode=True)
 
