@@ -15,10 +15,12 @@
 // Forward: S = drop(x) A_cat^T (one GEMM over the packed A), y_i = x W_i^T + b_i, y_i += s_i S_i B_i^T
 // in place. Backward: dS_i = s_i dY_i B_i and dB_i = s_i dY_i^T S_i (the scale rides on the GEMM's
 // alpha), dA_cat = dS^T drop(x), dx = drop(dS A_cat) + sum_i dY_i W_i. Saved through autograd's saved
-// variables (so saved-tensor hooks, checkpointing and offloading see them): x (or its autocast copy) and
-// S; A_cat is packed again in the backward and the dropout mask drawn again from `seed`, never stored. cast_to: torch.autocast's
-// dtype, every floating input (float64 excepted) cast to it first (A once, packed) and each gradient
-// returned in its input's dtype; the base weights' copies are saved for the backward, as F.linear's are.
+// variables (so saved-tensor hooks, checkpointing and offloading see them, and in-place edits raise where
+// F.linear's would): x (or its autocast copy), S, and the factors and weights as F.linear saves them
+// (`save_operands`); A_cat is packed again in the backward and the dropout mask drawn again from `seed`, never
+// stored. cast_to: torch.autocast's dtype, every floating input (float64 excepted) cast to it first (A once,
+// packed; x before the node, as a recorded op) and each gradient returned in its input's dtype. A backward with
+// grad mode on (create_graph) takes a differentiable path instead (`differentiable_backward`).
 // Under autocast with base weights that autocast would copy anyway (float32 weights, bf16 autocast), the copies
 // go into one stacked buffer [W_1; ..; W_G; A_cat] and B becomes one block-diagonal matrix with the scales folded
 // in (`stacks`): fewer, larger GEMMs (forward 2 instead of 2G + 1, backward 4 instead of 3G + 2, one more
@@ -30,13 +32,15 @@
 // column_major_half: feed half-precision right operands column-major (a copy), for CPUs whose
 // half-precision GEMM is slow on row-major ones (decided by a measurement in Python). The autograd node
 // takes x, the factors and (only when one trains) the base tensors as inputs; the rest of the call's state
-// is one object, so the per-call bookkeeping stays small.
+// is one object, so the per-call bookkeeping stays small (a PreparedGroup's tensors are shared, not copied).
 #include <torch/extension.h>
 
 #include <c10/core/DispatchKeySet.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -150,25 +154,37 @@ void stack_operands(Operands& ops, at::TensorList weights, at::TensorList lora_a
   }
 }
 
+// The biases as given (none where absent), each cast as autocast would.
+std::vector<std::optional<at::Tensor>> cast_biases(const c10::List<std::optional<at::Tensor>>& biases,
+                                                   std::optional<at::ScalarType> cast_to) {
+  std::vector<std::optional<at::Tensor>> out;
+  for (const auto& b : biases) {
+    std::optional<at::Tensor> bias = b;
+    out.push_back(bias && bias->defined() ? std::optional<at::Tensor>(cast(*bias, cast_to)) : std::nullopt);
+  }
+  return out;
+}
+
+// b_cat (one bias stacked for G > 1 layers) as each layer's slice of it.
+void split_stacked_bias(std::vector<std::optional<at::Tensor>>& biases, at::TensorList lora_b) {
+  if (biases.size() != 1 || lora_b.size() == 1) return;
+  const auto b_cat = biases[0];
+  biases.clear();
+  int64_t row = 0;
+  for (const auto& b : lora_b) {
+    biases.push_back(b_cat ? std::optional<at::Tensor>(b_cat->narrow(0, row, b.size(0))) : std::nullopt);
+    row += b.size(0);
+  }
+}
+
 Operands operands_of(at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
                      at::TensorList lora_a, at::TensorList lora_b, at::ArrayRef<double> scales,
                      std::optional<at::ScalarType> cast_to) {
   Operands ops;
-  for (const auto& b : biases) {
-    std::optional<at::Tensor> bias = b;
-    ops.biases.push_back(bias && bias->defined() ? std::optional<at::Tensor>(cast(*bias, cast_to)) : std::nullopt);
-  }
+  ops.biases = cast_biases(biases, cast_to);
   if (stacks(weights, lora_a, lora_b, cast_to)) {
     stack_operands(ops, weights, lora_a, lora_b, scales, *cast_to);
-    if (ops.biases.size() == 1 && lora_b.size() > 1) {  // b_cat: each layer's bias is its slice
-      const auto b_cat = ops.biases[0];
-      ops.biases.clear();
-      int64_t row = 0;
-      for (const auto& b : lora_b) {
-        ops.biases.push_back(b_cat ? std::optional<at::Tensor>(b_cat->narrow(0, row, b.size(0))) : std::nullopt);
-        row += b.size(0);
-      }
-    }
+    split_stacked_bias(ops.biases, lora_b);
     return ops;
   }
   ops.a_cat = cast(lora_a.size() == 1 ? lora_a[0] : at::cat(lora_a), cast_to);
@@ -189,7 +205,7 @@ Layout make_layout(at::TensorList lora_b, at::ArrayRef<double> scales, double dr
 
 struct Forward {
   std::vector<at::Tensor> outputs;
-  at::Tensor s, a_cat;
+  at::Tensor s;
 };
 
 // Stacked operands: [base | S] = x wa^T in one GEMM (the shrink on drop(x) apart with dropout), the expands as one
@@ -261,8 +277,7 @@ Forward forward_impl(const at::Tensor& x, const Operands& ops, const Layout& lay
   const auto factor = ops.a_cat.scalar_type();
   const auto x2 = flat(x);
   Forward result;
-  result.a_cat = ops.a_cat;
-  result.s = at::mm(drop(as_factor(x2, factor), layout), result.a_cat.t());
+  result.s = at::mm(drop(as_factor(x2, factor), layout), ops.a_cat.t());
   const auto s_parts = ops.lora_b.size() == 1 ? std::vector<at::Tensor>{result.s}
                                               : result.s.split_with_sizes(layout.ranks, 1);
   auto shape = x.sizes().vec();
@@ -311,15 +326,24 @@ void add_base_grads(Backward& result, const std::vector<at::Tensor>& dys, const 
   }
 }
 
+// Which gradients a backward computes: dx, dS (for dA or dx: B is saved only then), the base tensors'.
+struct Needs {
+  bool x, ds, base;
+};
+
 // Stacked operands: the output gradients copied side by side into G = [dY | dS] (dY_cat, then dS beside it), dS =
 // dY_cat B_bd and dB (the diagonal blocks of dY_cat^T S) one GEMM each, dx = G wa in one GEMM (two with dropout).
 Backward backward_stacked(const variable_list& grads, const at::Tensor& x, const at::Tensor& s, const Operands& ops,
-                          const Layout& layout, bool need_x, bool need_base, at::ScalarType a_dtype,
-                          bool stacked_weights) {
+                          const Layout& layout, Needs need, at::ScalarType a_dtype, bool stacked_weights) {
   const auto x2 = flat(x);
-  const int64_t n_out = ops.b_bd.size(0), rank = ops.b_bd.size(1);
+  const int64_t rank = s.size(1);
   const size_t groups = layout.d_outs.size();
+  int64_t n_out = 0;
+  for (const auto d : layout.d_outs) n_out += d;
   auto g = at::empty({x2.size(0), n_out + rank}, x2.options());
+  // dS's columns zeroed first: a CPU bf16 GEMM over the view dY (row stride n_out + rank) reads the columns past it,
+  // and an uninitialised NaN there came out in dS (~7% of calls at some shapes, torch 2.13).
+  g.narrow(1, n_out, rank).zero_();
   std::vector<at::Tensor> dys;
   int64_t col = 0;
   for (size_t i = 0; i < groups; ++i) {
@@ -328,7 +352,6 @@ Backward backward_stacked(const variable_list& grads, const at::Tensor& x, const
     col += layout.d_outs[i];
   }
   const auto dy = g.narrow(1, 0, n_out);
-  const auto ds = at::mm(dy, right_operand(ops.b_bd, layout));
   const auto db = at::mm(dy.t(), s);
   Backward result;
   int64_t row = 0;
@@ -339,54 +362,60 @@ Backward backward_stacked(const variable_list& grads, const at::Tensor& x, const
     row += layout.d_outs[i];
     col += layout.ranks[i];
   }
-  result.grad_a = split_grad_a(at::mm(ds.t(), drop(x2, layout)), a_dtype, layout);
-  if (need_x) {
-    at::Tensor grad_x;
-    if (layout.dropout_p == 0.0) {
-      g.narrow(1, n_out, rank).copy_(ds);
-      grad_x = at::mm(g, right_operand(ops.wa, layout));
-    } else {
-      grad_x = drop(at::mm(ds, right_operand(ops.wa.narrow(0, n_out, rank), layout)), layout);
-      grad_x.addmm_(dy, right_operand(ops.wa.narrow(0, 0, n_out), layout));
+  if (need.ds) {
+    const auto ds = at::mm(dy, right_operand(ops.b_bd, layout));
+    result.grad_a = split_grad_a(at::mm(ds.t(), drop(x2, layout)), a_dtype, layout);
+    if (need.x) {
+      at::Tensor grad_x;
+      if (layout.dropout_p == 0.0) {
+        g.narrow(1, n_out, rank).copy_(ds);
+        grad_x = at::mm(g, right_operand(ops.wa, layout));
+      } else {
+        grad_x = drop(at::mm(ds, right_operand(ops.wa.narrow(0, n_out, rank), layout)), layout);
+        grad_x.addmm_(dy, right_operand(ops.wa.narrow(0, 0, n_out), layout));
+      }
+      result.grad_x = grad_x.view(x.sizes());
     }
-    result.grad_x = grad_x.view(x.sizes());
   }
-  if (need_base) add_base_grads(result, dys, x2, ops, stacked_weights);
+  if (need.base) add_base_grads(result, dys, x2, ops, stacked_weights);
   return result;
 }
 
-// a_dtype: the A factors' own dtype (autocast computes in another).
-Backward backward_impl(const variable_list& grads, const at::Tensor& x, const at::Tensor& s, const at::Tensor& a_cat,
-                       const Operands& ops, const Layout& layout, bool need_x, bool need_base,
-                       at::ScalarType a_dtype, bool stacked_weights) {
-  if (ops.wa.defined()) return backward_stacked(grads, x, s, ops, layout, need_x, need_base, a_dtype, stacked_weights);
+// a_dtype: the A factors' own dtype (autocast computes in another). stacked: the operands' stacked form (wa, b_bd).
+Backward backward_impl(const variable_list& grads, const at::Tensor& x, const at::Tensor& s, const Operands& ops,
+                       const Layout& layout, Needs need, at::ScalarType a_dtype, bool stacked, bool stacked_weights) {
+  if (stacked) return backward_stacked(grads, x, s, ops, layout, need, a_dtype, stacked_weights);
   const auto factor = s.scalar_type();
   const auto x2 = flat(x);
-  const size_t groups = ops.lora_b.size();
+  const size_t groups = layout.ranks.size();
   const auto s_parts = groups == 1 ? std::vector<at::Tensor>{s} : s.split_with_sizes(layout.ranks, 1);
   std::vector<at::Tensor> dys, ds_parts;
   Backward result;
   for (size_t i = 0; i < groups; ++i) {
     dys.push_back(flat(grads[i]));
     const auto dy = as_factor(dys[i], factor);
+    const double scale = layout.scales[i];
     // beta = 0: the GEMM writes alpha * (a @ b) and ignores its addend (a tensor of the result's shape).
-    ds_parts.push_back(at::addmm(s_parts[i], dy, right_operand(ops.lora_b[i], layout), 0.0, layout.scales[i]));
-    result.grad_b.push_back(at::addmm(ops.lora_b[i], dy.t(), s_parts[i], 0.0, layout.scales[i]));
+    if (need.ds) ds_parts.push_back(at::addmm(s_parts[i], dy, right_operand(ops.lora_b[i], layout), 0.0, scale));
+    result.grad_b.push_back(need.ds ? at::addmm(ops.lora_b[i], dy.t(), s_parts[i], 0.0, scale)
+                                    : at::mm(dy.t(), s_parts[i]).mul_(scale));
   }
-  const auto ds = groups == 1 ? ds_parts[0] : at::cat(ds_parts, 1);
-  result.grad_a = split_grad_a(at::mm(ds.t(), drop(as_factor(x2, factor), layout)), a_dtype, layout);
-  if (need_x) {
-    auto grad_x = drop(at::mm(ds, right_operand(a_cat, layout)), layout);
-    if (grad_x.scalar_type() != x.scalar_type()) grad_x = grad_x.to(x.scalar_type());
-    if (stacked_weights && is_half(ops.weights[0])) {  // the output gradients side by side, one GEMM over W_cat
-      grad_x.addmm_(at::cat(dys, 1), right_operand(ops.weights[0], layout));
-    } else {  // float32: a GEMM per layer (W_cat's rows) measured as fast as copying the gradients side by side
-      const auto weights = stacked_weights ? ops.weights[0].split_with_sizes(layout.d_outs) : ops.weights;
-      for (size_t i = 0; i < weights.size(); ++i) grad_x.addmm_(dys[i], right_operand(weights[i], layout));
+  if (need.ds) {
+    const auto ds = groups == 1 ? ds_parts[0] : at::cat(ds_parts, 1);
+    result.grad_a = split_grad_a(at::mm(ds.t(), drop(as_factor(x2, factor), layout)), a_dtype, layout);
+    if (need.x) {
+      auto grad_x = drop(at::mm(ds, right_operand(ops.a_cat, layout)), layout);
+      if (grad_x.scalar_type() != x.scalar_type()) grad_x = grad_x.to(x.scalar_type());
+      if (stacked_weights && is_half(ops.weights[0])) {  // the output gradients side by side, one GEMM over W_cat
+        grad_x.addmm_(at::cat(dys, 1), right_operand(ops.weights[0], layout));
+      } else {  // float32: a GEMM per layer (W_cat's rows) measured as fast as copying the gradients side by side
+        const auto weights = stacked_weights ? ops.weights[0].split_with_sizes(layout.d_outs) : ops.weights;
+        for (size_t i = 0; i < weights.size(); ++i) grad_x.addmm_(dys[i], right_operand(weights[i], layout));
+      }
+      result.grad_x = grad_x.view(x.sizes());
     }
-    result.grad_x = grad_x.view(x.sizes());
   }
-  if (need_base) add_base_grads(result, dys, x2, ops, stacked_weights);
+  if (need.base) add_base_grads(result, dys, x2, ops, stacked_weights);
   return result;
 }
 
@@ -409,18 +438,25 @@ void check_args(const at::Tensor& x, at::TensorList weights, size_t n_biases, at
   TORCH_CHECK(x.device().is_cpu(), "grouped_lora_cpu: x must be a CPU tensor");
 }
 
-// The call's state the backward reads, besides the saved activations: parameters and the layout.
+// A call's tensors as given. A PreparedGroup's are one object its calls' nodes share (nothing copied per call).
+struct Given {
+  std::vector<at::Tensor> weights, lora_a, lora_b;
+  c10::List<std::optional<at::Tensor>> biases;
+};
+
+// The call's state besides its saved tensors: the layout, and where the saved tensors lie.
 struct State : torch::CustomClassHolder {
-  Operands ops;
-  std::vector<at::Tensor> lora_a;  // as given: A_cat is packed again from them in the backward
+  std::shared_ptr<const Given> given;  // read by the forward and the differentiable backward (the fast one: which
+                                       // biases are present)
   at::ScalarType a_dtype;
   Layout layout;
   std::optional<at::ScalarType> cast_to;
   std::vector<at::ScalarType> dtypes;  // each autograd input's dtype (gradients return in it)
   bool base_inputs = false;            // the base weights and biases are inputs (one of them trains)
   bool stacked = false;                // the operands are in the stacked form (wa, b_bd)
-  size_t n_weights = 0;                // base weights given: G, or 1 (stacked)
   size_t n_biases = 0;                 // present biases
+  size_t n_a = 0, n_b = 0, n_w = 0;    // saved after x and S, in this order: A (or wa), B (or b_bd), W
+  std::shared_ptr<std::atomic<int64_t>> backward_calls;  // the PreparedGroup's count of its nodes' backwards
 };
 
 // Without autograd (no_grad, inference_mode): the forward alone.
@@ -434,6 +470,95 @@ std::vector<at::Tensor> grouped_lora_cpu(const at::Tensor& x, at::TensorList wei
   return forward_impl(cast(x, cast_to), ops, make_layout(lora_b, scales, dropout_p, seed, column_major_half)).outputs;
 }
 
+// The tensors the backward reads besides x and S, saved as F.linear saves them, so autograd's version checks raise
+// where stock PEFT's would: the weights and A only when x needs a gradient, B when x or an A does; autocast's
+// copies of what autocast casts, the tensors themselves otherwise (A_cat then packed again in the backward).
+void save_operands(variable_list& saved, State& state, const Operands& ops, at::TensorList lora_a,
+                   at::TensorList lora_b, bool need_x) {
+  bool need_a = false;
+  for (const auto& a : lora_a) need_a = need_a || a.requires_grad();
+  const auto save = [&saved](at::TensorList ts) {
+    saved.insert(saved.end(), ts.begin(), ts.end());
+    return ts.size();
+  };
+  if (state.stacked) {  // the copies in their stacked form, then factors already in autocast's dtype: their
+    // versions checked as stock's, their values never read
+    if (need_x) state.n_a = save(ops.wa);
+    if (need_x || need_a) state.n_b = save(ops.b_bd);
+    for (const auto& a : lora_a) {
+      if (need_x && !castable(a, state.cast_to)) saved.push_back(a);
+    }
+    for (const auto& b : lora_b) {
+      if ((need_x || need_a) && !castable(b, state.cast_to)) saved.push_back(b);
+    }
+    return;
+  }
+  if (need_x) state.n_a = castable(lora_a[0], state.cast_to) ? save(ops.a_cat) : save(lora_a);
+  if (need_x || need_a) state.n_b = save(ops.lora_b);
+  if (need_x) state.n_w = save(ops.weights);
+}
+
+// The base tensors as the node's inputs: the weights, then the present biases.
+std::vector<at::Tensor> base_tensors(const Given& given) {
+  std::vector<at::Tensor> base = given.weights;
+  for (const auto& b : cast_biases(given.biases, std::nullopt)) {
+    if (b) base.push_back(*b);
+  }
+  return base;
+}
+
+// The backward with grad mode on (create_graph: gradient penalties, Hessian-vector products): the forward again in
+// recorded ops from tensors connected to the graph (x as saved, the given factors, weights and biases; autocast's
+// casts as .to(), dropout as a multiply by its mask), differentiated by autograd, so that the gradients are
+// differentiable in turn. PEFT's per-layer formula: the fast path's sums in other orders, the same values.
+variable_list differentiable_backward(AutogradContext* ctx, const State& state, const at::Tensor& x,
+                                      const variable_list& grads) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const auto& given = *state.given;
+  const auto& layout = state.layout;
+  const auto lora_a = cast_all(given.lora_a, state.cast_to), lora_b = cast_all(given.lora_b, state.cast_to);
+  auto weights = cast_all(given.weights, state.cast_to);
+  auto biases = cast_biases(given.biases, state.cast_to);
+  if (weights.size() == 1 && lora_b.size() > 1) weights = weights[0].split_with_sizes(layout.d_outs);
+  split_stacked_bias(biases, lora_b);
+  const auto x2 = flat(x);
+  auto xd = as_factor(x2, lora_a[0].scalar_type());
+  if (layout.dropout_p != 0.0) xd = xd * dropout_cpu(at::ones_like(xd), layout.dropout_p, layout.seed);
+  variable_list ys, dys;
+  for (size_t i = 0; i < lora_b.size(); ++i) {
+    auto y = at::mm(at::mm(xd, lora_a[i].t()), lora_b[i].t()).mul(layout.scales[i]);
+    if (!weights.empty()) {
+      auto base = at::mm(x2, weights[i].t());
+      if (biases[i]) base = base + *biases[i];
+      y = base.scalar_type() == y.scalar_type() ? base + y : (base + y).to(base.scalar_type());
+    }
+    if (y.requires_grad()) {
+      ys.push_back(y);
+      dys.push_back(flat(grads[i]));
+    }
+  }
+  variable_list inputs{x};  // the node's, in edge order
+  inputs.insert(inputs.end(), given.lora_a.begin(), given.lora_a.end());
+  inputs.insert(inputs.end(), given.lora_b.begin(), given.lora_b.end());
+  if (state.base_inputs) {
+    const auto base = base_tensors(given);
+    inputs.insert(inputs.end(), base.begin(), base.end());
+  }
+  variable_list wanted, out(inputs.size() + 1);  // + the state argument: no gradient
+  std::vector<size_t> slots;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (ctx->needs_input_grad(i)) {
+      wanted.push_back(inputs[i]);
+      slots.push_back(i);
+    }
+  }
+  if (ys.empty() || wanted.empty()) return out;
+  const auto got = torch::autograd::grad(ys, wanted, dys, /*retain_graph=*/true, /*create_graph=*/true,
+                                         /*allow_unused=*/true);
+  for (size_t k = 0; k < slots.size(); ++k) out[slots[k]] = got[k];
+  return out;
+}
+
 class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction> {
  public:
   // Autograd inputs, in edge order: x, lora_a..., lora_b..., then (if one trains) weights..., present biases...
@@ -441,22 +566,12 @@ class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction
                                at::TensorList lora_b, at::TensorList base, c10::intrusive_ptr<State> state) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // no recording, no view tracking: plain kernels
-    const auto x_cast = cast(x, state->cast_to);
-    auto result = forward_impl(x_cast, state->ops, state->layout);
-    variable_list saved{x_cast, result.s};
-    if (state->ops.wa.defined()) {  // the stacked copies: saved (hooks see them), not held by the state
-      saved.push_back(state->ops.wa);
-      saved.push_back(state->ops.b_bd);
-      state->ops.wa.reset();
-      state->ops.b_bd.reset();
-    } else if (state->cast_to) {  // autocast's copies: saved (hooks see them), not held by the state
-      saved.push_back(result.a_cat);
-      saved.insert(saved.end(), state->ops.lora_b.begin(), state->ops.lora_b.end());
-      saved.insert(saved.end(), state->ops.weights.begin(), state->ops.weights.end());
-      state->ops.lora_b.clear();
-      state->ops.weights.clear();
-    }
-    state->ops.a_cat.reset();
+    const auto& given = *state->given;
+    const auto ops = operands_of(given.weights, given.biases, lora_a, lora_b, state->layout.scales, state->cast_to);
+    state->stacked = ops.wa.defined();
+    auto result = forward_impl(x, ops, state->layout);
+    variable_list saved{x, result.s};
+    save_operands(saved, *state, ops, lora_a, lora_b, x.requires_grad());
     ctx->save_for_backward(saved);
     ctx->saved_data["state"] = c10::IValue::make_capsule(std::move(state));
     return result.outputs;
@@ -464,34 +579,47 @@ class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto state = c10::static_intrusive_pointer_cast<State>(ctx->saved_data["state"].toCapsule());
+    if (state->backward_calls) state->backward_calls->fetch_add(1, std::memory_order_relaxed);
     const auto saved = ctx->get_saved_variables();
+    if (at::GradMode::is_enabled()) return differentiable_backward(ctx, *state, saved[0], grads);
     const size_t groups = state->layout.ranks.size();
-    auto ops = state->ops;
-    if (state->stacked) {
-      ops.wa = saved[2];
-      ops.b_bd = saved[3];
-    } else if (state->cast_to) {
-      ops.a_cat = saved[2];
-      ops.lora_b.assign(saved.begin() + 3, saved.begin() + 3 + groups);
-      ops.weights.assign(saved.begin() + 3 + groups, saved.end());
-    } else {
-      ops.a_cat = groups == 1 ? state->lora_a[0] : at::cat(state->lora_a);
-    }
-    bool need_base = false;
-    if (state->base_inputs) {
-      for (size_t i = 1 + 2 * groups; i < state->dtypes.size(); ++i) need_base = need_base || ctx->needs_input_grad(i);
+    const bool stacked_weights = state->given->weights.size() == 1 && groups > 1;
+    const bool need_x = ctx->needs_input_grad(0);
+    Needs need{need_x, need_x, false};
+    for (size_t i = 1; i <= groups; ++i) need.ds = need.ds || ctx->needs_input_grad(i);
+    for (size_t i = 1 + 2 * groups; state->base_inputs && i < state->dtypes.size(); ++i) {
+      need.base = need.base || ctx->needs_input_grad(i);
     }
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const bool stacked_weights = state->n_weights == 1 && groups > 1;
-    auto result = backward_impl(grads, saved[0], saved[1], ops.a_cat, ops, state->layout, ctx->needs_input_grad(0),
-                                need_base, state->a_dtype, stacked_weights);
+    Operands ops;
+    auto next = saved.begin() + 2;
+    const auto part = [&next](size_t n) {
+      next += n;
+      return std::vector<at::Tensor>(next - n, next);
+    };
+    const auto a = part(state->n_a);
+    if (state->stacked) {
+      if (!a.empty()) ops.wa = a[0];
+      if (state->n_b) ops.b_bd = *next;
+    } else {
+      if (!a.empty()) ops.a_cat = a.size() == 1 ? a[0] : at::cat(a);
+      ops.lora_b = part(state->n_b);
+      ops.weights = part(state->n_w);
+    }
+    if (need.base) ops.biases = cast_biases(state->given->biases, std::nullopt);  // which are present
+    auto result =
+        backward_impl(grads, saved[0], saved[1], ops, state->layout, need, state->a_dtype, state->stacked,
+                      stacked_weights);
+    result.grad_a.resize(groups);  // undefined where dS was not needed
     variable_list out{result.grad_x};
     out.insert(out.end(), result.grad_a.begin(), result.grad_a.end());
     out.insert(out.end(), result.grad_b.begin(), result.grad_b.end());
     if (state->base_inputs) {
-      for (size_t i = 0; i < state->n_weights; ++i) out.push_back(need_base ? result.grad_w[i] : at::Tensor());
-      for (size_t i = 0; i < state->n_biases; ++i) out.push_back(need_base ? result.grad_bias[i] : at::Tensor());
+      for (size_t i = 0; i < state->given->weights.size(); ++i) {
+        out.push_back(need.base ? result.grad_w[i] : at::Tensor());
+      }
+      for (size_t i = 0; i < state->n_biases; ++i) out.push_back(need.base ? result.grad_bias[i] : at::Tensor());
     }
     if (state->cast_to) {  // each gradient in its input's dtype, as autocast's cast nodes would give it
       for (size_t i = 0; i < out.size(); ++i) {
@@ -503,44 +631,54 @@ class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction
   }
 };
 
-std::vector<at::Tensor> grouped_lora_cpu_autograd(const at::Tensor& x, at::TensorList weights,
-                                                  const c10::List<std::optional<at::Tensor>>& biases,
-                                                  at::TensorList lora_a, at::TensorList lora_b,
-                                                  at::ArrayRef<double> scales, double dropout_p, int64_t seed,
-                                                  std::optional<at::ScalarType> cast_to, bool column_major_half) {
-  check_args(x, weights, biases.size(), lora_a, lora_b, scales);
+// backward_calls: counted by each node's backward (a PreparedGroup's calls; none for the op's).
+std::vector<at::Tensor> autograd_call(const at::Tensor& x, std::shared_ptr<const Given> given,
+                                      at::ArrayRef<double> scales, double dropout_p, int64_t seed,
+                                      std::optional<at::ScalarType> cast_to, bool column_major_half,
+                                      std::shared_ptr<std::atomic<int64_t>> backward_calls) {
+  const auto& weights = given->weights;
+  const auto& lora_a = given->lora_a;
+  const auto& lora_b = given->lora_b;
+  check_args(x, weights, given->biases.size(), lora_a, lora_b, scales);
   auto state = c10::make_intrusive<State>();
-  {
-    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    at::AutoGradMode no_grad(false);  // the autocast copies are the op's own, not autograd's
-    state->ops = operands_of(weights, biases, lora_a, lora_b, scales, cast_to);
-  }
-  state->stacked = state->ops.wa.defined();
+  state->backward_calls = std::move(backward_calls);
   state->a_dtype = lora_a[0].scalar_type();
-  if (!cast_to) state->lora_a = lora_a.vec();
   state->layout = make_layout(lora_b, scales, dropout_p, seed, column_major_half);
   state->cast_to = cast_to;
-  state->n_weights = weights.size();
   std::vector<at::Tensor> base;
   for (const auto& w : weights) state->base_inputs = state->base_inputs || w.requires_grad();
-  for (const auto& b : state->ops.biases) state->base_inputs = state->base_inputs || (b && b->requires_grad());
+  for (const auto& b : given->biases) {  // the given biases: autocast's copies (made under no_grad) never require grad
+    std::optional<at::Tensor> bias = b;
+    state->base_inputs = state->base_inputs || (bias && bias->defined() && bias->requires_grad());
+  }
   if (state->base_inputs) {
-    base = weights.vec();
-    for (const auto& b : biases) {
-      std::optional<at::Tensor> bias = b;
-      if (bias && bias->defined()) base.push_back(*bias);
-    }
+    base = base_tensors(*given);
     state->n_biases = base.size() - weights.size();
   }
+  // x cast outside the node, a recorded op: the node saves the copy, and autograd's cast node carries x's gradient
+  // back (connected to x for a differentiable backward).
+  const auto x_in = cast(x, cast_to);
   if (cast_to) {
-    state->dtypes.push_back(x.scalar_type());
-    for (auto list : {lora_a, lora_b, at::TensorList(base)}) {
+    state->dtypes.push_back(x_in.scalar_type());
+    for (auto list : {at::TensorList(lora_a), at::TensorList(lora_b), at::TensorList(base)}) {
       for (const auto& t : list) state->dtypes.push_back(t.scalar_type());
     }
   } else {
     state->dtypes.resize(1 + lora_a.size() + lora_b.size() + base.size());
   }
-  return GroupedLoraFunction::apply(x, lora_a, lora_b, at::TensorList(base), std::move(state));
+  state->given = std::move(given);
+  // TensorLists: apply takes the tensors of those (not of a std::vector) as the node's inputs.
+  return GroupedLoraFunction::apply(x_in, at::TensorList(lora_a), at::TensorList(lora_b), at::TensorList(base),
+                                    std::move(state));
+}
+
+std::vector<at::Tensor> grouped_lora_cpu_autograd(const at::Tensor& x, at::TensorList weights,
+                                                  const c10::List<std::optional<at::Tensor>>& biases,
+                                                  at::TensorList lora_a, at::TensorList lora_b,
+                                                  at::ArrayRef<double> scales, double dropout_p, int64_t seed,
+                                                  std::optional<at::ScalarType> cast_to, bool column_major_half) {
+  return autograd_call(x, std::make_shared<const Given>(Given{weights.vec(), lora_a.vec(), lora_b.vec(), biases}),
+                       scales, dropout_p, seed, cast_to, column_major_half, nullptr);
 }
 
 // A group's call with everything but x and the dropout seed fixed once, what the fused modules run per forward:
@@ -552,29 +690,32 @@ class PreparedGroup {
   PreparedGroup(std::vector<at::Tensor> weights, const std::vector<std::optional<at::Tensor>>& biases,
                 std::vector<at::Tensor> lora_a, std::vector<at::Tensor> lora_b, std::vector<double> scales,
                 double dropout_p, std::optional<at::ScalarType> cast_to, bool column_major_half)
-      : weights_(std::move(weights)),
-        lora_a_(std::move(lora_a)),
-        lora_b_(std::move(lora_b)),
+      : given_(std::make_shared<const Given>(Given{std::move(weights), std::move(lora_a), std::move(lora_b),
+                                                   c10::List<std::optional<at::Tensor>>(biases)})),
         scales_(std::move(scales)),
         dropout_p_(dropout_p),
         cast_to_(cast_to),
-        column_major_half_(column_major_half) {
-    for (const auto& b : biases) biases_.push_back(b);
-  }
+        column_major_half_(column_major_half) {}
 
   std::vector<at::Tensor> operator()(const at::Tensor& x, int64_t seed) const {
     RECORD_FUNCTION("slora::grouped_lora_cpu", std::vector<c10::IValue>{x});
-    const auto call = at::GradMode::is_enabled() ? &grouped_lora_cpu_autograd : &grouped_lora_cpu;
-    return call(x, weights_, biases_, lora_a_, lora_b_, scales_, dropout_p_, seed, cast_to_, column_major_half_);
+    if (!at::GradMode::is_enabled()) {
+      return grouped_lora_cpu(x, given_->weights, given_->biases, given_->lora_a, given_->lora_b, scales_, dropout_p_,
+                              seed, cast_to_, column_major_half_);
+    }
+    return autograd_call(x, given_, scales_, dropout_p_, seed, cast_to_, column_major_half_, backward_calls_);
   }
 
+  // How many backwards the nodes of this group's calls have run: whether a pending output's graph was used.
+  int64_t backward_calls() const { return backward_calls_->load(std::memory_order_relaxed); }
+
  private:
-  std::vector<at::Tensor> weights_, lora_a_, lora_b_;
-  c10::List<std::optional<at::Tensor>> biases_;
+  std::shared_ptr<const Given> given_;
   std::vector<double> scales_;
   double dropout_p_;
   std::optional<at::ScalarType> cast_to_;
   bool column_major_half_;
+  std::shared_ptr<std::atomic<int64_t>> backward_calls_ = std::make_shared<std::atomic<int64_t>>(0);
 };
 
 }  // namespace
@@ -585,7 +726,8 @@ void bind_prepared_group(pybind11::module_& m) {
                           std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<double>, double,
                           std::optional<at::ScalarType>, bool>())
       .def("__call__", &PreparedGroup::operator(), pybind11::arg("x"), pybind11::arg("seed"),
-           pybind11::call_guard<pybind11::gil_scoped_release>());
+           pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def_property_readonly("backward_calls", &PreparedGroup::backward_calls);
 }
 
 TORCH_LIBRARY_FRAGMENT(slora, m) {
