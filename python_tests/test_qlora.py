@@ -7,6 +7,7 @@ usual QLoRA set-up) by rounding, bounded as a bf16 rounding of the outputs. Drop
 the stock model too (one seed per shared input, `lora_helpers.use_hash_dropout`), so it is compared as well.
 Skipped where bitsandbytes is not installed (it is an optional test dependency; CI installs its CPU build).
 """
+import copy
 import warnings
 
 import pytest
@@ -119,6 +120,32 @@ def test_float32_compute_equals_stock_peft(tiny_checkpoint, bits, dropout):
     assert (stats.fused, stats.fallback, stats.left_to_peft) == (2 * len(layers), {}, {}), str(stats)
     if dropout:  # the masks are live: another seed, other outputs
         assert rel_err(step(fused, inputs, 0)[1], step(fused, inputs, 1)[1]) > 1e-4
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_copy_of_a_fused_4bit_model_behaves_as_the_same_copy_of_stock(tiny_checkpoint, how, tmp_path):
+    """copy.deepcopy / torch.save + torch.load(weights_only=False) of a fused QLoRA model after a forward and
+    backward: the copy is fused with caches of its own, gives what the same copy of the stock model gives, and
+    trains apart from the original (a deepcopy of a bitsandbytes model is not the original, so copies are
+    compared with copies)."""
+    fused, stock = fused_and_stock(tiny_checkpoint, "4bit", torch.float32, 0.0)
+    inputs = batch()
+    assert_close_runs(step(fused, inputs), step(stock, inputs), 1e-5)
+
+    def copy_of(model, name):
+        if how == "deepcopy":
+            return copy.deepcopy(model)
+        torch.save(model, tmp_path / name)
+        return torch.load(tmp_path / name, weights_only=False)
+
+    fused_copy, stock_copy = copy_of(fused, "fused.pt"), copy_of(stock, "stock.pt")
+    calls_before = fusion_stats(fused_copy).fused
+    assert_close_runs(step(fused_copy, inputs), step(stock_copy, inputs), 1e-5)
+    assert fusion_stats(fused_copy).fused == calls_before + 7 * TINY["num_hidden_layers"]
+    before = {n: p.detach().clone() for n, p in fused.named_parameters() if "lora_" in n}
+    torch.optim.SGD([p for p in fused_copy.parameters() if p.requires_grad], lr=1.0).step()
+    assert all(torch.equal(p, before[n]) for n, p in fused.named_parameters() if "lora_" in n)
+    assert any(not torch.equal(p, before[n]) for n, p in fused_copy.named_parameters() if "lora_" in n)
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
