@@ -20,7 +20,8 @@
 // (`save_operands`); A_cat is packed again in the backward and the dropout mask drawn again from `seed`, never
 // stored. cast_to: torch.autocast's dtype, every floating input (float64 excepted) cast to it first (A once,
 // packed; x before the node, as a recorded op) and each gradient returned in its input's dtype. A backward with
-// grad mode on (create_graph) takes a differentiable path instead (`differentiable_backward`).
+// grad mode on (create_graph) takes a differentiable path instead (`differentiable_backward`). A layer whose output
+// the loss does not use gets no gradient (undefined, not zeros), as its own PEFT layer would (`drop_unused`).
 // Under autocast with base weights that autocast would copy anyway (float32 weights, bf16 autocast), the copies
 // go into one stacked buffer [W_1; ..; W_G; A_cat] and B becomes one block-diagonal matrix with the scales folded
 // in (`stacks`): fewer, larger GEMMs (forward 2 instead of 2G + 1, backward 4 instead of 3G + 2, one more
@@ -460,6 +461,9 @@ variable_list differentiable_backward(AutogradContext* ctx, const State& state, 
   if (layout.dropout_p != 0.0) xd = xd * dropout_cpu(at::ones_like(xd), layout.dropout_p, layout.seed);
   variable_list ys, dys;
   for (size_t i = 0; i < lora_b.size(); ++i) {
+    // An output the loss does not use (undefined gradient) is left out: its layer's inputs come back undefined
+    // (allow_unused), no gradient as for its own PEFT layer.
+    if (!grads[i].defined()) continue;
     auto y = at::mm(at::mm(xd, lora_a[i].t()), lora_b[i].t()).mul(layout.scales[i]);
     if (!weights.empty()) {
       auto base = at::mm(x2, weights[i].t());
@@ -493,6 +497,45 @@ variable_list differentiable_backward(AutogradContext* ctx, const State& state, 
   return out;
 }
 
+// The outputs the loss does not use come to the backward undefined (set_materialize_grads(false)): zeros of their
+// shapes and dtypes stand in for them (the outputs are shaped like x with d_out_i last; in x's dtype, or the factors'
+// (S's) when the call computes the LoRA terms alone). Returns which outputs those were.
+std::vector<size_t> fill_unused(variable_list& grads, const at::Tensor& x, const at::Tensor& s, const State& state) {
+  std::vector<size_t> unused;
+  for (size_t i = 0; i < state.layout.d_outs.size(); ++i) {
+    if (grads[i].defined()) continue;
+    auto shape = x.sizes().vec();
+    shape.back() = state.layout.d_outs[i];
+    grads[i] = at::zeros(shape, x.options().dtype(state.given->weights.empty() ? s.scalar_type() : x.scalar_type()));
+    unused.push_back(i);
+  }
+  return unused;
+}
+
+// No gradient (undefined, not zeros) for the layers whose outputs the loss does not use, as their own PEFT layers
+// would get: their factors, and their weight and bias where the base tensors are inputs. out: the node's input
+// gradients in edge order (x, A..., B..., W..., present biases...).
+void drop_unused(variable_list& out, const std::vector<size_t>& unused, const State& state) {
+  const size_t groups = state.layout.ranks.size();
+  for (const size_t i : unused) {
+    out[1 + i] = at::Tensor();
+    out[1 + groups + i] = at::Tensor();
+  }
+  if (!state.base_inputs) return;
+  const auto& biases = state.given->biases;
+  size_t bias_slot = 1 + 2 * groups + state.given->weights.size();
+  for (size_t i = 0, next = 0; i < groups; ++i) {
+    const std::optional<at::Tensor> bias = biases.get(i);
+    const bool present = bias && bias->defined();
+    if (next < unused.size() && unused[next] == i) {
+      out[1 + 2 * groups + i] = at::Tensor();
+      if (present) out[bias_slot] = at::Tensor();
+      ++next;
+    }
+    bias_slot += present;
+  }
+}
+
 class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction> {
  public:
   // Autograd inputs, in edge order: x, lora_a..., lora_b..., then (if one trains) weights..., present biases...
@@ -508,6 +551,7 @@ class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction
     save_operands(saved, *state, ops, lora_a, lora_b, x.requires_grad());
     ctx->save_for_backward(saved);
     ctx->saved_data["state"] = c10::IValue::make_capsule(std::move(state));
+    ctx->set_materialize_grads(false);  // an unused output's gradient stays undefined: its layer gets none
     return result.outputs;
   }
 
@@ -525,6 +569,7 @@ class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction
     }
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const auto unused = fill_unused(grads, saved[0], saved[1], *state);
     Operands ops;
     auto next = saved.begin() + 2;
     const auto part = [&next](size_t n) {
@@ -553,6 +598,7 @@ class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction
       }
       for (size_t i = 0; i < state->n_biases; ++i) out.push_back(need.base ? result.grad_bias[i] : at::Tensor());
     }
+    if (!unused.empty()) drop_unused(out, unused, *state);
     if (state->cast_to) {  // each gradient in its input's dtype, as autocast's cast nodes would give it
       for (size_t i = 0; i < out.size(); ++i) {
         if (out[i].defined() && out[i].scalar_type() != state->dtypes[i]) out[i] = out[i].to(state->dtypes[i]);
