@@ -20,15 +20,13 @@
 // (`save_operands`); A_cat is packed again in the backward and the dropout mask drawn again from `seed`, never
 // stored. cast_to: torch.autocast's dtype, every floating input (float64 excepted) cast to it first (A once,
 // packed; x before the node, as a recorded op) and each gradient returned in its input's dtype. A backward with
-// grad mode on (create_graph) takes a differentiable path instead (`differentiable_backward`).
+// grad mode on (create_graph) takes a differentiable path instead (`differentiable_backward`). A layer whose output
+// the loss does not use gets no gradient (undefined, not zeros), as its own PEFT layer would (`drop_unused`).
 // Under autocast with base weights that autocast would copy anyway (float32 weights, bf16 autocast), the copies
 // go into one stacked buffer [W_1; ..; W_G; A_cat] and B becomes one block-diagonal matrix with the scales folded
 // in (`stacks`): fewer, larger GEMMs (forward 2 instead of 2G + 1, backward 4 instead of 3G + 2, one more
 // each with dropout), the same sums with autocast's roundings in other places (within bf16 rounding of PEFT's).
-// weights and biases come one per layer, or (G > 1) each as one stack: W_cat [sum d_out, d_in] and b_cat [sum d_out]
-// (zeros for a layer without a bias), the caller's cached copy of frozen weights. Then the base outputs of the group
-// are one GEMM, and so is the base part of dx in half precision (over the output gradients side by side: a bf16
-// GEMM costs ~20 us at small shapes on CPU; in float32 the copy costs what it saves).
+// weights and biases come one per layer (a bias may be None), or none at all (the LoRA terms alone, see above).
 // column_major_half: feed half-precision right operands column-major (a copy), for CPUs whose
 // half-precision GEMM is slow on row-major ones (decided by a measurement in Python). The autograd node
 // takes x, the factors and (only when one trains) the base tensors as inputs; the rest of the call's state
@@ -165,18 +163,6 @@ std::vector<std::optional<at::Tensor>> cast_biases(const c10::List<std::optional
   return out;
 }
 
-// b_cat (one bias stacked for G > 1 layers) as each layer's slice of it.
-void split_stacked_bias(std::vector<std::optional<at::Tensor>>& biases, at::TensorList lora_b) {
-  if (biases.size() != 1 || lora_b.size() == 1) return;
-  const auto b_cat = biases[0];
-  biases.clear();
-  int64_t row = 0;
-  for (const auto& b : lora_b) {
-    biases.push_back(b_cat ? std::optional<at::Tensor>(b_cat->narrow(0, row, b.size(0))) : std::nullopt);
-    row += b.size(0);
-  }
-}
-
 Operands operands_of(at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
                      at::TensorList lora_a, at::TensorList lora_b, at::ArrayRef<double> scales,
                      std::optional<at::ScalarType> cast_to) {
@@ -184,7 +170,6 @@ Operands operands_of(at::TensorList weights, const c10::List<std::optional<at::T
   ops.biases = cast_biases(biases, cast_to);
   if (stacks(weights, lora_a, lora_b, cast_to)) {
     stack_operands(ops, weights, lora_a, lora_b, scales, *cast_to);
-    split_stacked_bias(ops.biases, lora_b);
     return ops;
   }
   ops.a_cat = cast(lora_a.size() == 1 ? lora_a[0] : at::cat(lora_a), cast_to);
@@ -237,39 +222,12 @@ Forward forward_stacked(const at::Tensor& x, const Operands& ops, const Layout& 
   return result;
 }
 
-// Whether the base weights (and biases) come as one stack for the group: W_cat and b_cat.
-bool stacked_base(const Operands& ops) { return ops.weights.size() == 1 && ops.lora_b.size() > 1; }
-
 // The output shaped like x with d_out last: not a view of y (a view returned by an autograd node could not be
 // modified in place by the caller).
 at::Tensor shaped(const at::Tensor& y, std::vector<int64_t>& shape, bool flat_x) {
   if (flat_x) return y;
   shape.back() = y.size(1);
   return at::_unsafe_view(y, shape);
-}
-
-// Stacked base weights: the group's base outputs as one GEMM (bias included), then each layer's output is its
-// columns plus its LoRA term, written into a tensor of its own (PEFT's mixed-dtype sum, in the wider dtype rounded
-// once, where the factors' dtype differs).
-Forward forward_stacked_base(const at::Tensor& x2, std::vector<int64_t>& shape, const Operands& ops,
-                             const Layout& layout, const std::vector<at::Tensor>& s_parts, Forward result) {
-  const auto& w_cat = ops.weights[0];
-  const auto base = ops.biases[0] ? at::addmm(*ops.biases[0], x2, w_cat.t()) : at::mm(x2, w_cat.t());
-  const bool flat_x = shape.size() == 2;
-  int64_t col = 0;
-  for (size_t i = 0; i < ops.lora_b.size(); ++i) {
-    const auto base_i = base.narrow(1, col, layout.d_outs[i]);
-    col += layout.d_outs[i];
-    at::Tensor y;
-    if (base.scalar_type() == s_parts[i].scalar_type()) {
-      y = at::addmm(base_i, s_parts[i], ops.lora_b[i].t(), 1.0, layout.scales[i]);
-    } else {
-      y = at::empty(base_i.sizes(), base.options());
-      at::add_out(y, base_i, at::mm(s_parts[i], ops.lora_b[i].t()), layout.scales[i]);
-    }
-    result.outputs.push_back(shaped(y, shape, flat_x));
-  }
-  return result;
 }
 
 Forward forward_impl(const at::Tensor& x, const Operands& ops, const Layout& layout) {
@@ -281,7 +239,6 @@ Forward forward_impl(const at::Tensor& x, const Operands& ops, const Layout& lay
   const auto s_parts = ops.lora_b.size() == 1 ? std::vector<at::Tensor>{result.s}
                                               : result.s.split_with_sizes(layout.ranks, 1);
   auto shape = x.sizes().vec();
-  if (stacked_base(ops)) return forward_stacked_base(x2, shape, ops, layout, s_parts, std::move(result));
   for (size_t i = 0; i < ops.lora_b.size() && ops.weights.empty(); ++i) {  // the LoRA terms alone
     auto y = at::mm(s_parts[i], ops.lora_b[i].t());
     if (layout.scales[i] != 1.0) y.mul_(layout.scales[i]);
@@ -311,15 +268,8 @@ std::vector<at::Tensor> split_grad_a(at::Tensor grad_a, at::ScalarType a_dtype, 
   return layout.ranks.size() == 1 ? std::vector<at::Tensor>{grad_a} : grad_a.split_with_sizes(layout.ranks);
 }
 
-// The base weights' and biases' gradients, when one of them trains (one each for stacked ones).
-void add_base_grads(Backward& result, const std::vector<at::Tensor>& dys, const at::Tensor& x2, const Operands& ops,
-                    bool stacked) {
-  if (stacked) {
-    const auto dy = at::cat(dys, 1);
-    result.grad_w.push_back(at::mm(dy.t(), x2));
-    if (ops.biases[0]) result.grad_bias.push_back(dy.sum(0));
-    return;
-  }
+// The base weights' and biases' gradients, when one of them trains.
+void add_base_grads(Backward& result, const std::vector<at::Tensor>& dys, const at::Tensor& x2, const Operands& ops) {
   for (size_t i = 0; i < dys.size(); ++i) {
     result.grad_w.push_back(at::mm(dys[i].t(), x2));
     if (ops.biases[i]) result.grad_bias.push_back(dys[i].sum(0));
@@ -334,7 +284,7 @@ struct Needs {
 // Stacked operands: the output gradients copied side by side into G = [dY | dS] (dY_cat, then dS beside it), dS =
 // dY_cat B_bd and dB (the diagonal blocks of dY_cat^T S) one GEMM each, dx = G wa in one GEMM (two with dropout).
 Backward backward_stacked(const variable_list& grads, const at::Tensor& x, const at::Tensor& s, const Operands& ops,
-                          const Layout& layout, Needs need, at::ScalarType a_dtype, bool stacked_weights) {
+                          const Layout& layout, Needs need, at::ScalarType a_dtype) {
   const auto x2 = flat(x);
   const int64_t rank = s.size(1);
   const size_t groups = layout.d_outs.size();
@@ -377,14 +327,14 @@ Backward backward_stacked(const variable_list& grads, const at::Tensor& x, const
       result.grad_x = grad_x.view(x.sizes());
     }
   }
-  if (need.base) add_base_grads(result, dys, x2, ops, stacked_weights);
+  if (need.base) add_base_grads(result, dys, x2, ops);
   return result;
 }
 
 // a_dtype: the A factors' own dtype (autocast computes in another). stacked: the operands' stacked form (wa, b_bd).
 Backward backward_impl(const variable_list& grads, const at::Tensor& x, const at::Tensor& s, const Operands& ops,
-                       const Layout& layout, Needs need, at::ScalarType a_dtype, bool stacked, bool stacked_weights) {
-  if (stacked) return backward_stacked(grads, x, s, ops, layout, need, a_dtype, stacked_weights);
+                       const Layout& layout, Needs need, at::ScalarType a_dtype, bool stacked) {
+  if (stacked) return backward_stacked(grads, x, s, ops, layout, need, a_dtype);
   const auto factor = s.scalar_type();
   const auto x2 = flat(x);
   const size_t groups = layout.ranks.size();
@@ -406,16 +356,11 @@ Backward backward_impl(const variable_list& grads, const at::Tensor& x, const at
     if (need.x) {
       auto grad_x = drop(at::mm(ds, right_operand(ops.a_cat, layout)), layout);
       if (grad_x.scalar_type() != x.scalar_type()) grad_x = grad_x.to(x.scalar_type());
-      if (stacked_weights && is_half(ops.weights[0])) {  // the output gradients side by side, one GEMM over W_cat
-        grad_x.addmm_(at::cat(dys, 1), right_operand(ops.weights[0], layout));
-      } else {  // float32: a GEMM per layer (W_cat's rows) measured as fast as copying the gradients side by side
-        const auto weights = stacked_weights ? ops.weights[0].split_with_sizes(layout.d_outs) : ops.weights;
-        for (size_t i = 0; i < weights.size(); ++i) grad_x.addmm_(dys[i], right_operand(weights[i], layout));
-      }
+      for (size_t i = 0; i < ops.weights.size(); ++i) grad_x.addmm_(dys[i], right_operand(ops.weights[i], layout));
       result.grad_x = grad_x.view(x.sizes());
     }
   }
-  if (need.base) add_base_grads(result, dys, x2, ops, stacked_weights);
+  if (need.base) add_base_grads(result, dys, x2, ops);
   return result;
 }
 
@@ -425,16 +370,8 @@ void check_args(const at::Tensor& x, at::TensorList weights, size_t n_biases, at
   TORCH_CHECK(groups > 0, "grouped_lora_cpu: lora_a must hold at least one factor");
   TORCH_CHECK(lora_b.size() == groups && scales.size() == groups,
               "grouped_lora_cpu: lora_b and scales must have one entry per factor of lora_a");
-  TORCH_CHECK((weights.size() == groups && n_biases == groups) || (weights.empty() && n_biases == 0) ||
-                  (weights.size() == 1 && n_biases == 1),
-              "grouped_lora_cpu: weights and biases must have one entry per layer, one stack each, or none (the "
-              "LoRA terms alone)");
-  if (weights.size() == 1 && groups > 1) {
-    int64_t rows = 0;
-    for (const auto& b : lora_b) rows += b.size(0);
-    TORCH_CHECK(weights[0].size(0) == rows, "grouped_lora_cpu: stacked weights must have sum d_out = ", rows,
-                " rows, got ", weights[0].size(0));
-  }
+  TORCH_CHECK((weights.size() == groups && n_biases == groups) || (weights.empty() && n_biases == 0),
+              "grouped_lora_cpu: weights and biases must have one entry per layer, or none (the LoRA terms alone)");
   TORCH_CHECK(x.device().is_cpu(), "grouped_lora_cpu: x must be a CPU tensor");
 }
 
@@ -517,15 +454,16 @@ variable_list differentiable_backward(AutogradContext* ctx, const State& state, 
   const auto& given = *state.given;
   const auto& layout = state.layout;
   const auto lora_a = cast_all(given.lora_a, state.cast_to), lora_b = cast_all(given.lora_b, state.cast_to);
-  auto weights = cast_all(given.weights, state.cast_to);
-  auto biases = cast_biases(given.biases, state.cast_to);
-  if (weights.size() == 1 && lora_b.size() > 1) weights = weights[0].split_with_sizes(layout.d_outs);
-  split_stacked_bias(biases, lora_b);
+  const auto weights = cast_all(given.weights, state.cast_to);
+  const auto biases = cast_biases(given.biases, state.cast_to);
   const auto x2 = flat(x);
   auto xd = as_factor(x2, lora_a[0].scalar_type());
   if (layout.dropout_p != 0.0) xd = xd * dropout_cpu(at::ones_like(xd), layout.dropout_p, layout.seed);
   variable_list ys, dys;
   for (size_t i = 0; i < lora_b.size(); ++i) {
+    // An output the loss does not use (undefined gradient) is left out: its layer's inputs come back undefined
+    // (allow_unused), no gradient as for its own PEFT layer.
+    if (!grads[i].defined()) continue;
     auto y = at::mm(at::mm(xd, lora_a[i].t()), lora_b[i].t()).mul(layout.scales[i]);
     if (!weights.empty()) {
       auto base = at::mm(x2, weights[i].t());
@@ -559,6 +497,45 @@ variable_list differentiable_backward(AutogradContext* ctx, const State& state, 
   return out;
 }
 
+// The outputs the loss does not use come to the backward undefined (set_materialize_grads(false)): zeros of their
+// shapes and dtypes stand in for them (the outputs are shaped like x with d_out_i last; in x's dtype, or the factors'
+// (S's) when the call computes the LoRA terms alone). Returns which outputs those were.
+std::vector<size_t> fill_unused(variable_list& grads, const at::Tensor& x, const at::Tensor& s, const State& state) {
+  std::vector<size_t> unused;
+  for (size_t i = 0; i < state.layout.d_outs.size(); ++i) {
+    if (grads[i].defined()) continue;
+    auto shape = x.sizes().vec();
+    shape.back() = state.layout.d_outs[i];
+    grads[i] = at::zeros(shape, x.options().dtype(state.given->weights.empty() ? s.scalar_type() : x.scalar_type()));
+    unused.push_back(i);
+  }
+  return unused;
+}
+
+// No gradient (undefined, not zeros) for the layers whose outputs the loss does not use, as their own PEFT layers
+// would get: their factors, and their weight and bias where the base tensors are inputs. out: the node's input
+// gradients in edge order (x, A..., B..., W..., present biases...).
+void drop_unused(variable_list& out, const std::vector<size_t>& unused, const State& state) {
+  const size_t groups = state.layout.ranks.size();
+  for (const size_t i : unused) {
+    out[1 + i] = at::Tensor();
+    out[1 + groups + i] = at::Tensor();
+  }
+  if (!state.base_inputs) return;
+  const auto& biases = state.given->biases;
+  size_t bias_slot = 1 + 2 * groups + state.given->weights.size();
+  for (size_t i = 0, next = 0; i < groups; ++i) {
+    const std::optional<at::Tensor> bias = biases.get(i);
+    const bool present = bias && bias->defined();
+    if (next < unused.size() && unused[next] == i) {
+      out[1 + 2 * groups + i] = at::Tensor();
+      if (present) out[bias_slot] = at::Tensor();
+      ++next;
+    }
+    bias_slot += present;
+  }
+}
+
 class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction> {
  public:
   // Autograd inputs, in edge order: x, lora_a..., lora_b..., then (if one trains) weights..., present biases...
@@ -574,6 +551,7 @@ class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction
     save_operands(saved, *state, ops, lora_a, lora_b, x.requires_grad());
     ctx->save_for_backward(saved);
     ctx->saved_data["state"] = c10::IValue::make_capsule(std::move(state));
+    ctx->set_materialize_grads(false);  // an unused output's gradient stays undefined: its layer gets none
     return result.outputs;
   }
 
@@ -583,7 +561,6 @@ class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction
     const auto saved = ctx->get_saved_variables();
     if (at::GradMode::is_enabled()) return differentiable_backward(ctx, *state, saved[0], grads);
     const size_t groups = state->layout.ranks.size();
-    const bool stacked_weights = state->given->weights.size() == 1 && groups > 1;
     const bool need_x = ctx->needs_input_grad(0);
     Needs need{need_x, need_x, false};
     for (size_t i = 1; i <= groups; ++i) need.ds = need.ds || ctx->needs_input_grad(i);
@@ -592,6 +569,7 @@ class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction
     }
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const auto unused = fill_unused(grads, saved[0], saved[1], *state);
     Operands ops;
     auto next = saved.begin() + 2;
     const auto part = [&next](size_t n) {
@@ -609,8 +587,7 @@ class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction
     }
     if (need.base) ops.biases = cast_biases(state->given->biases, std::nullopt);  // which are present
     auto result =
-        backward_impl(grads, saved[0], saved[1], ops, state->layout, need, state->a_dtype, state->stacked,
-                      stacked_weights);
+        backward_impl(grads, saved[0], saved[1], ops, state->layout, need, state->a_dtype, state->stacked);
     result.grad_a.resize(groups);  // undefined where dS was not needed
     variable_list out{result.grad_x};
     out.insert(out.end(), result.grad_a.begin(), result.grad_a.end());
@@ -621,6 +598,7 @@ class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction
       }
       for (size_t i = 0; i < state->n_biases; ++i) out.push_back(need.base ? result.grad_bias[i] : at::Tensor());
     }
+    if (!unused.empty()) drop_unused(out, unused, *state);
     if (state->cast_to) {  // each gradient in its input's dtype, as autocast's cast nodes would give it
       for (size_t i = 0; i < out.size(); ++i) {
         if (out[i].defined() && out[i].scalar_type() != state->dtypes[i]) out[i] = out[i].to(state->dtypes[i]);

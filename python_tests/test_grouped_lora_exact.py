@@ -1,7 +1,7 @@
 """The C++ op's autograd node against stock PEFT's per-layer computation (plain torch F.linear): base-bias gradients
-under autocast, second-order gradients (create_graph), version checks of in-place edits, and
-PreparedGroup.backward_calls. Each test calls the op (`grouped_lora`) and the prepared call
-(`_grouped_cpu.prepared`)."""
+under autocast, second-order gradients (create_graph), version checks of in-place edits, no gradient for a layer whose
+output the loss does not use, and PreparedGroup.backward_calls. Each test calls the op (`grouped_lora`) and the
+prepared call (`prepare`: the extension's PreparedGroup)."""
 import random
 
 import pytest
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lora_helpers import random_group, rel_err, seeded_keep
 
 from slora_kernels.ops import _grouped_cpu, grouped_lora
-from slora_kernels.ops.grouped_lora import GroupLayout, Operands, autocast_dtype
+from slora_kernels.ops.grouped_lora import GroupLayout, Operands, autocast_dtype, prepare, run_group
 from slora_kernels.ops.utils import draw_seed
 
 pytestmark = pytest.mark.skipif(not _grouped_cpu.NATIVE, reason="the compiled extension is not loaded")
@@ -19,13 +19,13 @@ BF16_STEP = torch.finfo(torch.bfloat16).eps
 
 
 def fused(path, x, weights, biases, lora_a, lora_b, scales, p=0.0, seed=5):
-    """The C++ op's outputs, called as `grouped_lora` or through `prepared` (which draws the dropout seed from torch's
-    RNG: seeded with `seed` first, see `mask_seed`)."""
+    """The C++ op's outputs, called as `grouped_lora` or through `prepare` (the extension's PreparedGroup; run_group
+    when `_grouped_cpu.NATIVE` is patched off; it draws the dropout seed from torch's RNG: seeded with `seed` first,
+    see `mask_seed`)."""
     if path == "op":
         return grouped_lora(x, weights, biases, lora_a, lora_b, scales, dropout_p=p, seed=seed)
     layout = GroupLayout.of(lora_b, scales, p, autocast_dtype(x))
-    call = _grouped_cpu.prepared(layout, Operands(weights, biases, lora_a, lora_b), x.dtype)
-    call = call[0] if isinstance(call, tuple) else call  # a version of `prepared` may return its counter too
+    call, _ = prepare(layout, Operands(weights, biases, lora_a, lora_b), x)
     torch.manual_seed(seed)
     return call(x)
 
@@ -210,6 +210,130 @@ def test_in_place_edit_raises_where_stock_raises(path, autocast, factor_dtype, e
     assert raises_after_edit(lambda *a: fused(path, *a), *args) == want
     if edited in ("lora_a", "lora_b") and x_grad and a_grad:  # the point of the test: both cases occur
         assert want == (not autocast or factor_dtype == torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- unused outputs
+
+
+@pytest.fixture(params=["native", "python"])
+def body(request, monkeypatch):
+    """The C++ op, or the Python autograd Function (`_GroupedLora`, what CPU calls run without the extension)."""
+    monkeypatch.setattr(_grouped_cpu, "NATIVE", request.param == "native")
+    return request.param
+
+
+def known_python_failure(request, body, create_graph, base_trains):
+    """_GroupedLora.backward (slora_kernels/ops/grouped_lora.py) clears an unused layer's entries of `grad_w or []`:
+    with no trainable base tensor grad_w is None and the empty list raises IndexError (the ordinary backward only;
+    the create_graph path is right). Strict: it fails as soon as the Python Function is fixed, to drop this."""
+    if body == "python" and not create_graph and not base_trains:
+        request.node.add_marker(pytest.mark.xfail(raises=IndexError, strict=True,
+                                                  reason="_GroupedLora.backward: `grad_w or []` with a frozen base"))
+
+
+UNUSED_MODES = ["float32", "bf16-autocast", "bf16-base-float32-factors"]
+USED = (1, 2)  # the loss reads outputs 1 and 2 of the 3-layer group, not output 0
+
+
+def cotangent(y, i):
+    return torch.randn(y.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64).to(y.dtype)
+
+
+def used_output_grads(run, named, scales, p, seed, create_graph, autocast):
+    """{name: gradient or None} of L = <y_1, c_1> + <y_2, c_2> to every tensor of `named` that requires grad (None
+    where L does not reach it); with create_graph also those of the penalty ||dL/dx||^2, as "penalty-<name>"."""
+    leaves = {name: t for name, t in named.items() if t.requires_grad}
+    tensors = [[named.get(f"{kind}{i}") for i in range(3)] for kind in ("w", "b", "a", "B")]  # absent bias: None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ys = run(named["x"], *tensors, scales, p, seed)
+        grads = torch.autograd.grad([ys[i] for i in USED], list(leaves.values()), [cotangent(ys[i], i) for i in USED],
+                                    create_graph=create_graph, allow_unused=True)
+        result = dict(zip(leaves, grads))
+        if create_graph:
+            trained = [name for name in leaves if name != "x"]
+            penalty = torch.autograd.grad(result["x"].pow(2).sum(), [leaves[n] for n in trained], allow_unused=True)
+            result.update({f"penalty-{n}": g for n, g in zip(trained, penalty)})
+    return result
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mode", UNUSED_MODES)
+@pytest.mark.parametrize("create_graph", [False, True], ids=["backward", "create_graph"])
+@pytest.mark.parametrize("base", ["frozen", "trains", "trains-no-bias-0", "trains-no-bias-1"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_unused_output_gives_its_layer_no_gradient(request, body, path, mode, create_graph, base, p):
+    """A loss over outputs 1 and 2 of a group (k and v, not q): as with stock PEFT, layer 0's factors (and its
+    trainable weight and bias) get no gradient at all (None, not zeros: weight decay and Adam's state tell them
+    apart); the other gradients are stock's (float32: a float64 reference; bf16: stock under the same dtypes).
+    An absent bias moves the later biases' places among the node's inputs ("no-bias-<i>")."""
+    train_base = base != "frozen"
+    known_python_failure(request, body, create_graph, train_base)
+    x, weights, biases, lora_a, lora_b, scales = layers(3, 91, torch.float32)
+    if mode == "bf16-base-float32-factors":
+        x, weights, biases = x.bfloat16(), [w.bfloat16() for w in weights], [b.bfloat16() for b in biases]
+    named = {"x": x, **{f"{kind}{i}": t for kind, ts in zip("wbaB", (weights, biases, lora_a, lora_b))
+                        for i, t in enumerate(ts)}}
+    if base.startswith("trains-no-bias-"):
+        del named["b" + base[-1]]
+    for name, t in named.items():
+        t.requires_grad_(name[0] in "xaB" or train_base)
+    autocast = mode == "bf16-autocast"
+    got = used_output_grads(lambda *a: fused(path, *a), named, scales, p, 5, create_graph, autocast)
+    ref = named
+    if mode == "float32":
+        ref = {name: t.detach().double().requires_grad_(t.requires_grad) for name, t in named.items()}
+    want = used_output_grads(stock, ref, scales, p, mask_seed(path, p, 5), create_graph, autocast)
+    trained = [name for name, t in named.items() if t.requires_grad]
+    assert all((got[name] is None) == name.endswith("0") for name in trained)  # layer 0's: None; x's and the rest
+    assert [name for name, g in got.items() if g is None] == [name for name, g in want.items() if g is None]
+    for name, g in got.items():
+        w = want[name]
+        if g is None:
+            continue
+        assert g.dtype == named[name.removeprefix("penalty-")].dtype
+        if mode == "float32":
+            torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
+        elif name.startswith("penalty-"):  # bf16 GEMMs rounded in other orders: norm-wise (see the penalty test)
+            assert rel_err(g.double(), w.double()) < 4 * BF16_STEP
+        else:
+            assert_close_bf16(g, w)
+
+
+@pytest.mark.parametrize("call", ["run_group", "prepare"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("create_graph", [False, True], ids=["backward", "create_graph"])
+def test_unused_output_of_lora_terms_alone(request, body, call, x_dtype, create_graph):
+    """The call without base weights (the LoRA terms alone, a quantized layer's): an unused term's factors get no
+    gradient either; the others match float64 (the terms in the float32 factors' dtype, x's gradient in x's)."""
+    known_python_failure(request, body, create_graph, base_trains=False)
+    x, _, _, lora_a, lora_b, scales = layers(3, 92, torch.float32)
+    x = x.to(x_dtype).requires_grad_(True)
+    for t in (*lora_a, *lora_b):
+        t.requires_grad_(True)
+    leaves = [x, *lora_a, *lora_b]
+
+    def grads(x, lora_a, lora_b, ys):
+        outs = torch.autograd.grad([ys[i] for i in USED], [x, *lora_a, *lora_b], [cotangent(ys[i], i) for i in USED],
+                                   create_graph=create_graph, allow_unused=True)
+        if create_graph:  # and the penalty's, to the factors
+            outs += torch.autograd.grad(outs[0].pow(2).sum(), [*lora_a, *lora_b], allow_unused=True)
+        return outs
+
+    layout, operands = GroupLayout.of(lora_b, scales), Operands([], [], lora_a, lora_b)
+    ys = run_group(layout, x, operands) if call == "run_group" else prepare(layout, operands, x)[0](x)
+    assert all(y.dtype == torch.float32 for y in ys)
+    got = grads(x, lora_a, lora_b, ys)
+    ref = [t.detach().double().requires_grad_(True) for t in leaves]
+    want = grads(ref[0], ref[1:4], ref[4:],
+                 [s * (ref[0] @ a.T) @ b.T for a, b, s in zip(ref[1:4], ref[4:], scales)])
+    assert [g is None for g in got] == [w is None for w in want]
+    assert got[1] is None and got[4] is None  # layer 0's A and B
+    for k, (g, w, t) in enumerate(zip(got, want, leaves + leaves[1:])):
+        if g is not None:
+            assert g.dtype == t.dtype
+            penalty = k >= len(leaves)  # over x's gradient, in x's dtype
+            tol = 4 * BF16_STEP if torch.bfloat16 in (t.dtype, x_dtype if penalty else None) else 1e-4
+            torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol * w.abs().max().item())
 
 
 # ----------------------------------------------------------------------------- backward_calls
