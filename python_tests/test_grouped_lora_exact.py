@@ -222,15 +222,6 @@ def body(request, monkeypatch):
     return request.param
 
 
-def known_python_failure(request, body, create_graph, base_trains):
-    """_GroupedLora.backward (slora_kernels/ops/grouped_lora.py) clears an unused layer's entries of `grad_w or []`:
-    with no trainable base tensor grad_w is None and the empty list raises IndexError (the ordinary backward only;
-    the create_graph path is right). Strict: it fails as soon as the Python Function is fixed, to drop this."""
-    if body == "python" and not create_graph and not base_trains:
-        request.node.add_marker(pytest.mark.xfail(raises=IndexError, strict=True,
-                                                  reason="_GroupedLora.backward: `grad_w or []` with a frozen base"))
-
-
 UNUSED_MODES = ["float32", "bf16-autocast", "bf16-base-float32-factors"]
 USED = (1, 2)  # the loss reads outputs 1 and 2 of the 3-layer group, not output 0
 
@@ -261,13 +252,12 @@ def used_output_grads(run, named, scales, p, seed, create_graph, autocast):
 @pytest.mark.parametrize("create_graph", [False, True], ids=["backward", "create_graph"])
 @pytest.mark.parametrize("base", ["frozen", "trains", "trains-no-bias-0", "trains-no-bias-1"])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_unused_output_gives_its_layer_no_gradient(request, body, path, mode, create_graph, base, p):
+def test_unused_output_gives_its_layer_no_gradient(body, path, mode, create_graph, base, p):
     """A loss over outputs 1 and 2 of a group (k and v, not q): as with stock PEFT, layer 0's factors (and its
     trainable weight and bias) get no gradient at all (None, not zeros: weight decay and Adam's state tell them
     apart); the other gradients are stock's (float32: a float64 reference; bf16: stock under the same dtypes).
     An absent bias moves the later biases' places among the node's inputs ("no-bias-<i>")."""
     train_base = base != "frozen"
-    known_python_failure(request, body, create_graph, train_base)
     x, weights, biases, lora_a, lora_b, scales = layers(3, 91, torch.float32)
     if mode == "bf16-base-float32-factors":
         x, weights, biases = x.bfloat16(), [w.bfloat16() for w in weights], [b.bfloat16() for b in biases]
@@ -302,10 +292,9 @@ def test_unused_output_gives_its_layer_no_gradient(request, body, path, mode, cr
 @pytest.mark.parametrize("call", ["run_group", "prepare"])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("create_graph", [False, True], ids=["backward", "create_graph"])
-def test_unused_output_of_lora_terms_alone(request, body, call, x_dtype, create_graph):
+def test_unused_output_of_lora_terms_alone(body, call, x_dtype, create_graph):
     """The call without base weights (the LoRA terms alone, a quantized layer's): an unused term's factors get no
     gradient either; the others match float64 (the terms in the float32 factors' dtype, x's gradient in x's)."""
-    known_python_failure(request, body, create_graph, base_trains=False)
     x, _, _, lora_a, lora_b, scales = layers(3, 92, torch.float32)
     x = x.to(x_dtype).requires_grad_(True)
     for t in (*lora_a, *lora_b):

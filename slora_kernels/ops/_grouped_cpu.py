@@ -89,7 +89,7 @@ def prepared(layout, operands, x_dtype: torch.dtype):
     group = PreparedGroup(operands.weights, operands.biases, operands.lora_a, operands.lora_b, list(layout.scales),
                            layout.dropout_p, layout.cast_to,
                            column_major_half(x_dtype, operands.lora_a[0].dtype, layout.cast_to))
-    backward_calls = functools.partial(getattr, group, "backward_calls", 0)  # TEMP until the C++ counter lands
+    backward_calls = functools.partial(getattr, group, "backward_calls")
     if layout.dropout_p == 0.0:
         return functools.partial(group, seed=0), backward_calls
     return (lambda x: group(x, draw_seed())), backward_calls

@@ -221,7 +221,7 @@ class _GroupedLora(torch.autograd.Function):
             bool(trainable))
         if unused:  # as the unused layers' own PEFT layers: no gradient at all
             grad_a, grad_b = list(grad_a), list(grad_b)
-            for grad_list in (grad_a, grad_b, grad_w or [], grad_bias or []):
+            for grad_list in (grad_a, grad_b, *(g for g in (grad_w, grad_bias) if g is not None)):
                 for i in unused:
                     grad_list[i] = None
         base = []
