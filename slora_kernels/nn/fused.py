@@ -229,7 +229,7 @@ class FusedLoraLayer:
 
     def __reduce_ex__(self, protocol):
         # By the PEFT class it was made from: a fused class made at run time has no importable name.
-        return _new_fused, (self._slora_stock,), self.__getstate__()
+        return _new_fused, (self._slora_stock,), self.__dict__
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         self._slora_group.invalidate()
