@@ -685,7 +685,7 @@ class Fuzz:
         self.inputs = token_batch(seed)
         built = build("bf16" if precision == "bf16" else "autocast", dropout=0.1, inputs=self.inputs, seed=seed)
         self.models = dict(built.items())
-        self.disabled, self.hooks, self.step = False, {}, 0
+        self.disabled, self.hooks, self.step, self.comparisons = False, {}, 0, 0
         self._set_dropout(self.rng.choice([0.0, 0.1]))  # built with 0.1: PEFT made nn.Dropout modules (not Identity)
         names = [n for n, _ in built.stock.named_parameters()]
         self.weights = ([n for n in names if n.endswith("base_layer.weight")], [n for n in names if "lora_" in n])
@@ -699,6 +699,7 @@ class Fuzz:
     def compare(self, results, autocast=False):
         precision = "autocast" if autocast or self.precision == "bf16" else "fp32"
         assert_like_stock(results, precision)
+        self.comparisons += 1
 
     def forward(self, key, model, grad=True, mode=None, autocast=False):
         torch.manual_seed(1000 * self.seed + self.step)
@@ -799,3 +800,4 @@ def test_mechanisms_fuzz(precision, seed):
             fuzz.apply(op)
         except AssertionError as error:
             raise AssertionError(f"after {done}: {error}") from error
+    assert fuzz.comparisons >= len(done) == 20  # every step was followed by a comparison with stock
