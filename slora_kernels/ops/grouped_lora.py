@@ -193,7 +193,6 @@ class _GroupedLora(torch.autograd.Function):
         ctx.call = call
         ctx.n_saved = len(saved)
         ctx.set_materialize_grads(False)
-        ctx.output_types = [(y.shape, y.dtype) for y in outputs]
         need_x = ctx.needs_input_grad[1]
         ctx.save_for_backward(x, *saved, *(operands.lora_a if need_x else ()), *operands.lora_b,
                               *(operands.weights if need_x else ()))
@@ -208,8 +207,10 @@ class _GroupedLora(torch.autograd.Function):
         if torch.is_grad_enabled():
             return (None, *_differentiable_backward(ctx, layout, body, seed, operands, trainable, x, grads))
         unused = [i for i, g in enumerate(grads) if g is None]
-        grads = [x.new_zeros(ctx.output_types[i][0], dtype=ctx.output_types[i][1]) if g is None else g
-                 for i, g in enumerate(grads)]
+        if unused:  # only the CPU body has an output per layer: shaped like x, in x's dtype (S's for terms alone)
+            dtype = x.dtype if operands.weights else saved[0].dtype
+            grads = [x.new_zeros(*x.shape[:-1], d_out, dtype=dtype) if g is None else g
+                     for g, d_out in zip(grads, layout.d_outs)]
         saved, used = saved[:ctx.n_saved], saved[ctx.n_saved:]
         need = ctx.needs_input_grad
         lora_a = used[:groups] if need[1] else operands.lora_a
